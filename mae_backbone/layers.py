@@ -1,0 +1,163 @@
+"""Transformer blocks of the ViT, owned here so that upstream refactors cannot break our keys.
+
+Parameter names follow the official MAE / timm layout (``norm1``, ``attn.qkv``, ``attn.proj``,
+``norm2``, ``mlp.fc1``, ``mlp.fc2``) and ViTDet's for the optional relative position tables
+(``attn.rel_pos_h``, ``attn.rel_pos_w``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+from mae_backbone.pos_embed import resample_rel_pos
+
+
+class Mlp(nn.Module):
+    """Two linear layers with GELU: ``[..., D] -> [..., hidden] -> [..., D]``."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _rel_pos_axis(table: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """Gather a decomposed rel-pos table into ``[q_len, k_len, C]`` (ViTDet's scaling rule)."""
+    length = 2 * max(q_len, k_len) - 1
+    table = resample_rel_pos(table, length)
+    q_idx = torch.arange(q_len, device=table.device)[:, None] * max(k_len / q_len, 1.0)
+    k_idx = torch.arange(k_len, device=table.device)[None, :] * max(q_len / k_len, 1.0)
+    rel = (q_idx - k_idx) + (k_len - 1) * max(q_len / k_len, 1.0)
+    return table[rel.long()]
+
+
+def rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
+    """Decomposed relative position bias (MViTv2 / ViTDet), as an additive attention mask.
+
+    Args:
+        q: [B, heads, H*W, C] queries of the spatial tokens (unscaled).
+        rel_pos_h, rel_pos_w: [2S-1, C] tables for the row and column offsets.
+        hw: (H, W) of the token grid.
+    Returns:
+        [B, heads, H*W, H*W] bias.
+    """
+    h, w = hw
+    b, nh, _, c = q.shape
+    r_h = _rel_pos_axis(rel_pos_h, h, h)  # [H, H, C]
+    r_w = _rel_pos_axis(rel_pos_w, w, w)  # [W, W, C]
+    q = q.reshape(b, nh, h, w, c)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", q, r_h.to(q.dtype))  # [B, nh, H, W, H]
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", q, r_w.to(q.dtype))  # [B, nh, H, W, W]
+    bias = bias_h[..., :, None] + bias_w[..., None, :]  # [B, nh, H, W, H, W]
+    return bias.reshape(b, nh, h * w, h * w)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional decomposed relative position bias.
+
+    ``forward(x, hw, num_prefix)``: ``x`` is [B, P+H*W, D] with P prefix tokens (class token)
+    first.  The relative bias covers spatial tokens only (zero to and from prefix tokens).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_size: int = 0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = rel_pos_size > 0
+        if self.use_rel_pos:
+            # zero init: a plain MAE checkpoint behaves exactly as without the bias
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, heads, N, hd]
+        mask = None
+        if self.use_rel_pos:
+            bias = rel_pos_bias(q[:, :, num_prefix:] * self.scale, self.rel_pos_h, self.rel_pos_w, hw)
+            if num_prefix:
+                bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
+            mask = bias.to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+def window_partition(x: torch.Tensor, hw: tuple[int, int], window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """[B, H*W, D] -> [B*nW, window*window, D], zero-padding H, W up to multiples of ``window``."""
+    b, _, d = x.shape
+    h, w = hw
+    x = x.reshape(b, h, w, d)
+    ph, pw = (window - h % window) % window, (window - w % window) % window
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    hp, wp = h + ph, w + pw
+    x = x.reshape(b, hp // window, window, wp // window, window, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, d), (hp, wp)
+
+
+def window_unpartition(x: torch.Tensor, padded_hw: tuple[int, int], hw: tuple[int, int], window: int) -> torch.Tensor:
+    """Inverse of ``window_partition``: [B*nW, window*window, D] -> [B, H*W, D]."""
+    hp, wp = padded_hw
+    h, w = hw
+    d = x.shape[-1]
+    b = x.shape[0] // ((hp // window) * (wp // window))
+    x = x.reshape(b, hp // window, wp // window, window, window, d).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, hp, wp, d)[:, :h, :w]
+    return x.reshape(b, h * w, d)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+
+    Args:
+        window_size: 0 for global attention, else non-overlapping windows of this many patches
+            (then the input must carry no prefix tokens).
+        rel_pos_size: 0 for none, else the grid side the relative tables are made for.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+        window_size: int = 0,
+        rel_pos_size: int = 0,
+    ):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, rel_pos_size=rel_pos_size)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        """x: [B, P+H*W, D] -> [B, P+H*W, D]."""
+        y = self.norm1(x)
+        if self.window_size:
+            if num_prefix:
+                raise ValueError("window attention needs the spatial tokens alone (no class token)")
+            y, padded = window_partition(y, hw, self.window_size)
+            y = self.attn(y, (self.window_size, self.window_size))
+            y = window_unpartition(y, padded, hw, self.window_size)
+        else:
+            y = self.attn(y, hw, num_prefix)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,3 @@
+from mae_transfer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of ``mae-transfer``; each module has ``register(subparsers)``."""
