@@ -1,0 +1,348 @@
+"""Checkpoint formats: one reader (foreign layout -> ours) and one writer (ours -> foreign) each.
+
+"Ours" is the official MAE / timm key layout (``patch_embed.proj.*``, ``cls_token``,
+``pos_embed``, ``blocks.{i}.norm1|attn.qkv|attn.proj|norm2|mlp.fc1|mlp.fc2``, ``norm``,
+``fc_norm``, ``head``, and ViTDet's ``blocks.{i}.attn.rel_pos_h|w``).  A reader returns the state
+dict in that layout plus notes on everything it dropped; nothing is dropped silently.
+
+| format      | file                                             | reader drops (with a note)            |
+|-------------|--------------------------------------------------|---------------------------------------|
+| ours        | ``.safetensors`` with mae-transfer metadata      | nothing                               |
+| timm        | plain state dict (``.pth``/``.bin``/``.safetensors``) | nothing                          |
+| mae         | ``{"model": sd}``: official MAE pretrain/finetune, DeiT | decoder, mask token, distill token |
+| mocov3      | ``{"state_dict": {"module.base_encoder.*"}}``    | projection head, momentum encoder, predictor |
+| hf          | HF ``ViTModel`` / ``ViTMAEModel`` (+ ``vit.`` prefix), file or folder | MAE decoder, pooler |
+| detectron2  | ``{"model": {"backbone.net.*"}}`` (ViTDet)       | everything outside ``backbone.net.``  |
+| mmseg       | MMSeg ``VisionTransformer`` (``layers.{i}.ln1`` ...), optionally under ``state_dict``/``backbone.`` | decode heads |
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mae_backbone.io import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+Notes = list[str]
+
+
+def _tensors(obj: Any, where: str) -> StateDict:
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{where}: expected a mapping of names to tensors")
+    return dict(obj)
+
+
+def _drop(sd: StateDict, pattern: str, why: str, notes: Notes) -> StateDict:
+    rx = re.compile(pattern)
+    dropped = [k for k in sd if rx.match(k)]
+    if dropped:
+        notes.append(f"dropped {len(dropped)} {why} keys ({', '.join(sorted(dropped)[:3])}{', ...' if len(dropped) > 3 else ''})")
+    return {k: v for k, v in sd.items() if k not in dropped}
+
+
+def _strip(sd: StateDict, prefix: str) -> StateDict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------- timm / ours / mae
+def read_timm(obj: Any, notes: Notes) -> StateDict:
+    return _tensors(obj, "timm state dict")
+
+
+def write_timm(sd: StateDict, meta: dict[str, Any]) -> Any:
+    return dict(sd)
+
+
+def read_mae(obj: Any, notes: Notes) -> StateDict:
+    sd = _tensors(obj["model"], "official MAE/DeiT checkpoint['model']")
+    sd = _drop(sd, r"^(decoder_|mask_token)", "MAE decoder", notes)
+    if "dist_token" in sd:  # DeiT distilled: two prefix tokens; keep the class token's slot only
+        pe = sd["pos_embed"]
+        sd["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
+        sd = _drop(sd, r"^(dist_token|head_dist)", "DeiT distillation", notes)
+        notes.append("removed the distillation token's position from pos_embed")
+    return sd
+
+
+def write_mae(sd: StateDict, meta: dict[str, Any]) -> Any:
+    return {"model": dict(sd)}
+
+
+# --------------------------------------------------------------------------- MoCo v3
+MOCO_PREFIX = "module.base_encoder."
+
+
+def read_mocov3(obj: Any, notes: Notes) -> StateDict:
+    full = _tensors(obj["state_dict"], "MoCo v3 checkpoint['state_dict']")
+    others = [k for k in full if not k.startswith(MOCO_PREFIX)]
+    if others:
+        notes.append(f"dropped {len(others)} momentum-encoder/predictor keys")
+    sd = _strip(full, MOCO_PREFIX)
+    return _drop(sd, r"^head\.", "MoCo v3 projection head", notes)
+
+
+def write_mocov3(sd: StateDict, meta: dict[str, Any]) -> Any:
+    return {"state_dict": {MOCO_PREFIX + k: v for k, v in sd.items()}, "arch": meta.get("arch", "vit")}
+
+
+# --------------------------------------------------------------------------- Hugging Face
+_HF_BLOCK = {
+    "layernorm_before": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+
+
+def read_hf(obj: Any, notes: Notes) -> StateDict:
+    sd = _tensors(obj, "Hugging Face state dict")
+    if any(k.startswith("vit.") for k in sd):
+        sd = {k[4:] if k.startswith("vit.") else k: v for k, v in sd.items()}
+    sd = _drop(sd, r"^(decoder\.|pooler\.)", "HF decoder/pooler", notes)
+    out: StateDict = {}
+    qkv: dict[int, dict[str, torch.Tensor]] = {}
+    leftovers = []
+    for k, v in sd.items():
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+            continue
+        m = re.match(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if not m:
+            leftovers.append(k)
+            continue
+        i, mod, kind = int(m.group(1)), m.group(2), m.group(3)
+        if mod in ("attention.attention.query", "attention.attention.key", "attention.attention.value"):
+            qkv.setdefault(i, {})[f"{mod.split('.')[-1]}.{kind}"] = v
+        elif mod in _HF_BLOCK:
+            out[f"blocks.{i}.{_HF_BLOCK[mod]}.{kind}"] = v
+        else:
+            leftovers.append(k)
+    for i, parts in qkv.items():
+        for kind in ("weight", "bias"):
+            trio = [parts.get(f"{n}.{kind}") for n in ("query", "key", "value")]
+            if all(t is not None for t in trio):
+                out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(trio, dim=0)
+            elif any(t is not None for t in trio):
+                raise CheckpointError(f"HF checkpoint: layer {i} has an incomplete query/key/value {kind}")
+    if leftovers:
+        raise CheckpointError(f"HF checkpoint: keys with no ViT equivalent: {sorted(leftovers)[:8]}")
+    if "pos_embed" in out and out["pos_embed"].ndim == 2:
+        out["pos_embed"] = out["pos_embed"].unsqueeze(0)
+    return out
+
+
+def write_hf(sd: StateDict, meta: dict[str, Any]) -> Any:
+    inv_top = {v: k for k, v in _HF_TOP.items()}
+    inv_block = {v: k for k, v in _HF_BLOCK.items()}
+    has_head = "head.weight" in sd
+    prefix = "vit." if has_head else ""
+    out: StateDict = {}
+    for k, v in sd.items():
+        if k in inv_top:
+            name = inv_top[k]
+            out[name if name.startswith("classifier") else prefix + name] = v
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if m and m.group(2) == "attn.qkv":
+            for n, t in zip(("query", "key", "value"), v.chunk(3, dim=0)):
+                out[f"{prefix}encoder.layer.{m.group(1)}.attention.attention.{n}.{m.group(3)}"] = t.clone()
+        elif m and m.group(2) in inv_block:
+            out[f"{prefix}encoder.layer.{m.group(1)}.{inv_block[m.group(2)]}.{m.group(3)}"] = v
+        elif k.startswith("fc_norm."):
+            raise CheckpointError("HF ViT has no fc_norm (global-pool head); export the encoder without it")
+        else:
+            raise CheckpointError(f"HF ViT has no equivalent of {k!r}")
+    return out
+
+
+def hf_config(meta: dict[str, Any], sd: StateDict) -> dict[str, Any]:
+    """A ``transformers`` ``ViTConfig`` dict for the exported weights."""
+    for key in ("embed_dim", "depth", "num_heads", "patch_size", "img_size"):
+        if meta.get(key) is None:
+            raise CheckpointError(f"HF export needs '{key}' (name the architecture with --arch)")
+    cfg = {
+        "model_type": "vit",
+        "architectures": ["ViTForImageClassification" if "head.weight" in sd else "ViTModel"],
+        "hidden_size": meta["embed_dim"],
+        "num_hidden_layers": meta["depth"],
+        "num_attention_heads": meta["num_heads"],
+        "intermediate_size": int(meta["embed_dim"] * meta.get("mlp_ratio", 4.0)),
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "image_size": meta["img_size"][0] if isinstance(meta["img_size"], list) else meta["img_size"],
+        "patch_size": meta["patch_size"],
+        "num_channels": meta.get("in_chans", 3),
+        "qkv_bias": True,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+    if "head.weight" in sd:
+        cfg["num_labels"] = int(sd["head.weight"].shape[0])
+    return cfg
+
+
+# --------------------------------------------------------------------------- Detectron2 (ViTDet)
+D2_PREFIX = "backbone.net."
+
+
+def read_detectron2(obj: Any, notes: Notes) -> StateDict:
+    full = _tensors(obj["model"], "Detectron2 checkpoint['model']")
+    others = [k for k in full if not k.startswith(D2_PREFIX)]
+    if others:
+        notes.append(f"dropped {len(others)} detector keys outside {D2_PREFIX!r} (pyramid, RPN, ROI heads)")
+    return _strip(full, D2_PREFIX)
+
+
+def write_detectron2(sd: StateDict, meta: dict[str, Any]) -> Any:
+    """ViTDet's ``ViT`` has no class token, final norm or head; its pos_embed keeps the cls slot."""
+    keep = {k: v for k, v in sd.items() if not re.match(r"^(cls_token|norm\.|fc_norm\.|head\.)", k)}
+    return {"model": {D2_PREFIX + k: v for k, v in keep.items()}, "__author__": "mae-transfer",
+            "matching_heuristics": False}
+
+
+# --------------------------------------------------------------------------- MMSeg VisionTransformer
+_MMSEG_BLOCK = [
+    ("norm1.", "ln1."),
+    ("attn.qkv.weight", "attn.attn.in_proj_weight"),
+    ("attn.qkv.bias", "attn.attn.in_proj_bias"),
+    ("attn.proj.", "attn.attn.out_proj."),
+    ("norm2.", "ln2."),
+    ("mlp.fc1.", "ffn.layers.0.0."),
+    ("mlp.fc2.", "ffn.layers.1."),
+]
+_MMSEG_TOP = [("patch_embed.proj.", "patch_embed.projection."), ("norm.", "ln1.")]
+
+
+def _rename(key: str, pairs: list[tuple[str, str]], forward: bool) -> str | None:
+    for a, b in pairs:
+        src, dst = (a, b) if forward else (b, a)
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
+def read_mmseg(obj: Any, notes: Notes) -> StateDict:
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    sd = _tensors(sd, "MMSeg checkpoint")
+    if any(k.startswith("backbone.") for k in sd):
+        others = [k for k in sd if not k.startswith("backbone.")]
+        if others:
+            notes.append(f"dropped {len(others)} decode/auxiliary head keys outside 'backbone.'")
+        sd = _strip(sd, "backbone.")
+    out: StateDict = {}
+    for k, v in sd.items():
+        m = re.match(r"^layers\.(\d+)\.(.+)$", k)
+        if m:
+            new = _rename(m.group(2), _MMSEG_BLOCK, forward=False)
+            name = f"blocks.{m.group(1)}.{new}" if new else None
+        elif k in ("cls_token", "pos_embed"):
+            name = k
+        else:
+            name = _rename(k, _MMSEG_TOP, forward=False)
+        if name is None:
+            raise CheckpointError(f"MMSeg checkpoint: no ViT equivalent for {k!r}")
+        out[name] = v
+    return out
+
+
+def write_mmseg(sd: StateDict, meta: dict[str, Any]) -> Any:
+    out: StateDict = {}
+    for k, v in sd.items():
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
+        if m:
+            new = _rename(m.group(2), _MMSEG_BLOCK, forward=True)
+            name = f"layers.{m.group(1)}.{new}" if new else None
+        elif k in ("cls_token", "pos_embed"):
+            name = k
+        elif k.startswith(("head.", "fc_norm.")):
+            continue  # MMSeg backbones have no classifier
+        else:
+            name = _rename(k, _MMSEG_TOP, forward=True)
+        if name is None:
+            raise CheckpointError(f"MMSeg VisionTransformer has no equivalent of {k!r}")
+        out[name] = v
+    return {"state_dict": out, "meta": {"converted_by": "mae-transfer"}}
+
+
+# --------------------------------------------------------------------------- registry
+READERS: dict[str, Callable[[Any, Notes], StateDict]] = {
+    "timm": read_timm,
+    "mae": read_mae,
+    "deit": read_mae,
+    "mocov3": read_mocov3,
+    "hf": read_hf,
+    "detectron2": read_detectron2,
+    "mmseg": read_mmseg,
+}
+WRITERS: dict[str, Callable[[StateDict, dict[str, Any]], Any]] = {
+    "timm": write_timm,
+    "mae": write_mae,
+    "mocov3": write_mocov3,
+    "hf": write_hf,
+    "detectron2": write_detectron2,
+    "mmseg": write_mmseg,
+}
+FORMATS = ("ours", *READERS)
+
+
+def detect_format(obj: Any) -> str | None:
+    """Tell the format of a loaded checkpoint object from its keys; None when unknown."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("state_dict"), dict):
+        keys = list(obj["state_dict"])
+        if any(k.startswith(MOCO_PREFIX) for k in keys):
+            return "mocov3"
+        if any(".ln1." in k or k.startswith(("patch_embed.projection", "backbone.patch_embed.projection")) for k in keys):
+            return "mmseg"
+    if isinstance(obj.get("model"), dict):
+        keys = list(obj["model"])
+        if any(k.startswith(D2_PREFIX) for k in keys):
+            return "detectron2"
+        if "patch_embed.proj.weight" in keys:
+            return "mae"
+    keys = [k for k in obj if isinstance(k, str)]
+    if any("embeddings.patch_embeddings" in k for k in keys):
+        return "hf"
+    if any(k.startswith(("patch_embed.projection", "layers.0.ln1")) for k in keys):
+        return "mmseg"
+    if "patch_embed.proj.weight" in keys:
+        return "timm"
+    return None
+
+
+def describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = list(obj)[:6]
+        return f"top-level keys {keys}{' ...' if len(obj) > 6 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+def read_hf_folder(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Weights and config of a Hugging Face model folder."""
+    from safetensors.torch import load_file
+
+    from mae_backbone.io import safe_torch_load
+
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if (path / "model.safetensors").exists():
+        return load_file(str(path / "model.safetensors")), cfg
+    if (path / "pytorch_model.bin").exists():
+        return safe_torch_load(path / "pytorch_model.bin"), cfg
+    raise CheckpointError(f"{path}: a folder, but no model.safetensors or pytorch_model.bin in it")
