@@ -1,0 +1,49 @@
+"""pretrain: MAE pretraining = the mae_backbone encoder + a light decoder, masking, loss, data,
+the training loop and reconstruction figures (torch + torchvision only).
+
+    from pretrain import create_mae, make_config, train
+    model = create_mae("mae_vit_base_patch16")              # the paper's 8 x 512 decoder
+    loss, pred, mask = model(imgs, mask_ratio=0.75)          # mask: 1 = removed
+    train(make_config({"data": "imgs/", "output": "runs/mae"}))
+"""
+from pretrain.config import PretrainConfig, make_config
+from pretrain.data import AUGMENTATIONS, DataError, EpochBatchSampler, ImageFiles, build_transform, list_images
+from pretrain.engine import TrainingDiverged
+from pretrain.masking import MASKINGS, block_mask, grid_mask, mask_noise, num_keep
+from pretrain.model import MAE_ARCHS, TARGETS, MaskedAutoencoderViT, create_mae, list_mae_models
+from pretrain.state import CHECKPOINT_NAME, ENCODER_NAME, NonFiniteModelError, export_encoder
+from pretrain.train import RunResult, build_model, train
+from pretrain.visualize import load_mae, reconstruct, render_figure, visualize
+
+__all__ = [
+    "AUGMENTATIONS",
+    "CHECKPOINT_NAME",
+    "DataError",
+    "ENCODER_NAME",
+    "EpochBatchSampler",
+    "ImageFiles",
+    "MAE_ARCHS",
+    "MASKINGS",
+    "MaskedAutoencoderViT",
+    "NonFiniteModelError",
+    "PretrainConfig",
+    "RunResult",
+    "TARGETS",
+    "TrainingDiverged",
+    "block_mask",
+    "build_model",
+    "build_transform",
+    "create_mae",
+    "export_encoder",
+    "grid_mask",
+    "list_images",
+    "list_mae_models",
+    "load_mae",
+    "make_config",
+    "mask_noise",
+    "num_keep",
+    "reconstruct",
+    "render_figure",
+    "train",
+    "visualize",
+]

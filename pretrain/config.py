@@ -1,0 +1,224 @@
+"""The pretraining configuration: one dataclass, used by the library, the CLI and config files.
+
+Defaults are the paper's recipe (ViT-B: 800 epochs, 40 warmup, mask 0.75 random, norm-pixel
+target, RandomResizedCrop + flip, AdamW 0.9/0.95, wd 0.05, base lr 1.5e-4 x batch / 256).
+
+A config file (YAML or JSON) holds the same keys as the flags (``mask_ratio`` or ``mask-ratio``);
+an unknown key is an error that names it and suggests the closest valid key.  Precedence:
+defaults < config file < command-line flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pretrain.data import AUGMENTATIONS
+from pretrain.masking import MASKINGS
+from pretrain.model import MAE_ARCHS, TARGETS
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    default = kw.pop("default")
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=dict(help=help, **kw))
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class PretrainConfig:
+    """Every option of ``mae-transfer pretrain`` (the field names are the flag names)."""
+
+    # data and output
+    data: str = _opt("training images: a folder (class subfolders or flat) or a text file listing images", default="")
+    output: str = _opt("run folder: checkpoints, logs, TensorBoard, config.json, reconstruction grids", default="")
+    # model
+    model: str = _opt("MAE architecture", default="mae_vit_base_patch16", choices=tuple(MAE_ARCHS))
+    img_size: int = _opt("input resolution (pixels)", default=224)
+    model_kwargs: dict = _opt('encoder overrides as JSON, e.g. \'{"depth": 6, "patch_size": 8}\'', default={})
+    decoder_depth: int = _opt("decoder blocks (paper ablation: 1/2/4/8/12)", default=8)
+    decoder_dim: int = _opt("decoder width (paper ablation: 128/256/512/768/1024)", default=512)
+    decoder_heads: int = _opt("decoder attention heads", default=16)
+    encoder_mask_tokens: bool = _opt("the paper's 'w/ [M]' baseline: the encoder sees mask tokens", default=False)
+    mask_ratio: float = _opt("fraction of patches removed", default=0.75)
+    masking: str = _opt("which patches are removed", default="random", choices=MASKINGS)
+    target: str = _opt("regression target", default="norm_pixel", choices=TARGETS)
+    aug: str = _opt("augmentation (paper Table 1e)", default="crop_rand", choices=AUGMENTATIONS)
+    grad_checkpointing: bool = _opt("recompute block activations in backward (less memory)", default=False)
+    # optimization
+    epochs: int = _opt("training epochs", default=800)
+    warmup_epochs: int = _opt("linear warmup epochs", default=40)
+    batch_size: int = _opt("images per process per micro-batch", default=64)
+    accum_iter: int = _opt("micro-batches per optimizer step (gradient accumulation)", default=1)
+    blr: float = _opt("base learning rate: lr = blr x effective batch / 256", default=1.5e-4)
+    lr: float = _opt("absolute learning rate (overrides --blr)", default=None, type=float)
+    min_lr: float = _opt("final learning rate of the cosine schedule", default=0.0)
+    weight_decay: float = _opt("AdamW weight decay (not on norms, biases, tokens, pos-embeds)", default=0.05)
+    clip_grad: float = _opt("clip the gradient norm to this value", default=None, type=float)
+    precision: str = _opt("auto = bf16 on a GPU that has it, else fp32; fp16 uses a grad scaler",
+                          default="auto", choices=PRECISIONS)
+    seed: int = _opt("seed of the data order, augmentations, masks and initialization", default=0)
+    # runtime
+    num_workers: int = _opt("data-loading processes per training process", default=8)
+    device: str = _opt("auto, cpu, cuda", default="auto")
+    dist_backend: str = _opt("torch.distributed backend: auto = nccl with CUDA, else gloo", default="auto")
+    # checkpoints and feedback
+    save_every: int = _opt("write the checkpoint every N epochs (and at the end)", default=20)
+    vis_every: int = _opt("write a reconstruction grid PNG every N epochs (0: never)", default=20)
+    vis_images: int = _opt("images in the reconstruction grid", default=4)
+    log_every: int = _opt("log the loss every N optimizer steps (JSON lines, TensorBoard)", default=20)
+    tensorboard: bool = _opt("write TensorBoard scalars", default=True)
+    progress: bool = _opt("show a progress bar", default=True)
+    resume: str = _opt("checkpoint to resume from", default=None, type=str)
+    auto_resume: bool = _opt("resume from OUTPUT/checkpoint.pth when it exists", default=True)
+    max_nonfinite: int = _opt("stop after this many optimizer steps in a row with a non-finite loss", default=10)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "PretrainConfig":
+        """Raise ``ValueError`` naming the option when a value cannot work; return self."""
+        if not self.data:
+            raise ValueError("data: give the training images (--data FOLDER or list file)")
+        if not self.output:
+            raise ValueError("output: give the run folder (--output DIR)")
+        for name in fields():
+            choices = _FIELDS[name].metadata.get("choices")
+            if choices and getattr(self, name) not in choices:
+                value = getattr(self, name)
+                close = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}{hint}")
+        positive = ("img_size", "decoder_depth", "decoder_dim", "decoder_heads", "epochs", "batch_size",
+                    "accum_iter", "save_every", "log_every", "max_nonfinite")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_epochs", "num_workers", "vis_every", "vis_images", "min_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by decoder_heads {self.decoder_heads}")
+        if self.decoder_dim % 4:
+            raise ValueError(f"decoder_dim must be a multiple of 4 (sin-cos position embedding), got {self.decoder_dim}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
+        if "img_size" in self.model_kwargs:
+            raise ValueError("model_kwargs: set the image size with img_size, not inside model_kwargs")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
+def fields() -> list[str]:
+    """The option names, in declaration order."""
+    return list(_FIELDS)
+
+
+def _normalize_keys(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            close = difflib.get_close_matches(name, list(_FIELDS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{where}: unknown option {key!r}{hint}")
+        out[name] = value
+    return out
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Values from JSON/YAML/strings into the field's type (int for float fields is fine)."""
+    f = _FIELDS[name]
+    if f.default is dataclasses.MISSING:
+        kind: type = dict
+    else:
+        kind = f.metadata.get("type") or type(f.default)
+    if value is None:
+        return None
+    if name == "model_kwargs" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model_kwargs: not valid JSON ({exc})") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            coerced = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+        if kind is int and coerced != value and not isinstance(value, str):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return coerced
+    if kind is str:
+        return str(value)
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such config file")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    values = _normalize_keys(values, str(path))
+    return {k: _coerce(k, v) for k, v in values.items()}
+
+
+def make_config(values: Mapping[str, Any] | None = None, config_file: str | Path | None = None) -> PretrainConfig:
+    """Defaults, then the file's values, then ``values`` (e.g. explicit flags); validated."""
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(load_config_file(config_file))
+    if values:
+        given = _normalize_keys(values, "options")
+        merged.update({k: _coerce(k, v) for k, v in given.items()})
+    return PretrainConfig(**merged).validate()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; flags that are not given stay absent from the namespace (SUPPRESS),
+    so a config file's value is only overridden by a flag the user typed."""
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options (keys are the flag names)")
+    for name, f in _FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{meta['help']} (default: {json.dumps(default) if isinstance(default, dict) else default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif name == "model_kwargs":
+            parser.add_argument(flag, default=argparse.SUPPRESS, metavar="JSON", help=help_text)
+        else:
+            kind = meta.get("type") or type(default)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=meta.get("choices"),
+                                help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """The config of a parsed command line (see ``add_arguments``)."""
+    given = {k: v for k, v in vars(args).items() if k in _FIELDS}
+    return make_config(given, getattr(args, "config", None))

@@ -1,0 +1,190 @@
+"""One pretraining epoch: mixed precision, gradient accumulation, non-finite loss handling.
+
+Each optimizer step takes ``accum_iter`` micro-batches.  After each micro-batch's forward, the
+processes agree (one small all-reduce) on whether every loss was finite; if not, the step is
+skipped everywhere (no backward, gradients dropped, no optimizer update), counted, and the run
+stops after ``max_nonfinite`` such steps in a row.  The schedule position advances either way.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from pretrain.data import mix_seed
+from pretrain.distributed import DistInfo, all_reduce_sum
+from pretrain.masking import mask_noise
+from pretrain.monitor import Monitor
+from pretrain.optim import set_lr
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss."""
+
+
+@dataclass
+class Counters:
+    """Run-long counts, saved with the checkpoint."""
+
+    step: int = 0  # optimizer steps taken or skipped (the schedule position)
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    empty_steps: int = 0
+    skipped_images: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EpochStats:
+    """What one epoch did, summed over processes where it says so."""
+
+    loss_sum: float = 0.0  # of per-step global mean losses, over good steps
+    good_steps: int = 0
+    nonfinite_steps: int = 0
+    empty_steps: int = 0
+    images: int = 0  # this process
+    skipped_images: int = 0  # this process
+    failures: list[str] = field(default_factory=list)  # this process's unreadable files
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.good_steps if self.good_steps else float("nan")
+
+
+@dataclass
+class StepSetup:
+    """What the loop needs besides the model and the data."""
+
+    mask_ratio: float
+    masking: str
+    grid: tuple[int, int]
+    accum_iter: int
+    lr_at: Callable[[int], float]
+    amp_dtype: torch.dtype | None
+    clip_grad: float | None
+    max_nonfinite: int
+    log_every: int
+    epochs: int
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    setup: StepSetup,
+    counters: Counters,
+    epoch: int,
+    info: DistInfo,
+    monitor: Monitor,
+    seen_failures: set[str] | None = None,
+) -> EpochStats:
+    """Train ``steps`` optimizer steps from ``loader`` (``steps * accum_iter`` micro-batches).
+
+    Args:
+        model: the MAE, wrapped in DDP when distributed.
+        loader: micro-batches from ``pretrain.data.collate``.
+        counters: updated in place (schedule position, non-finite and skip counts).
+        seen_failures: unreadable files already warned about (each is warned about once).
+    Raises:
+        TrainingDiverged: ``setup.max_nonfinite`` steps in a row with a non-finite loss.
+    """
+    stats = EpochStats()
+    seen = seen_failures if seen_failures is not None else set()
+    device = info.device
+    model.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    data = iter(loader)
+    bar = monitor.bar(steps, f"epoch {epoch + 1}/{setup.epochs}")
+    start = time.perf_counter()
+    autocast = torch.autocast(device.type, dtype=setup.amp_dtype or torch.float32, enabled=setup.amp_dtype is not None)
+    try:
+        for _ in range(steps):
+            lr = setup.lr_at(counters.step)
+            set_lr(optimizer, lr)
+            ok, empty, step_loss = True, False, 0.0
+            for micro in range(setup.accum_iter):
+                batch = next(data)
+                for msg in batch["failures"]:
+                    stats.skipped_images += 1
+                    if msg not in seen:
+                        seen.add(msg)
+                        logger.warning("skipped an unreadable image: %s", msg)
+                        if len(stats.failures) < 100:
+                            stats.failures.append(msg)
+                if not ok:
+                    continue  # this step is already skipped; drain its micro-batches
+                imgs = batch["images"]
+                n = len(batch["seeds"])
+                stats.images += n
+                sync = micro == setup.accum_iter - 1
+                no_sync = getattr(model, "no_sync", None)
+                ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+                with ctx:
+                    loss = None
+                    local = [0.0, 1.0, 0.0]  # [non-finite, empty, loss]
+                    if n > 0:
+                        imgs = imgs.to(device, non_blocking=True)
+                        seeds = [mix_seed(int(s), 1) for s in batch["seeds"]]
+                        noise = mask_noise(setup.masking, setup.grid, setup.mask_ratio, seeds=seeds, device=device)
+                        with autocast:
+                            loss, _, _ = model(imgs, setup.mask_ratio, noise=noise)
+                        value = float(loss.detach())
+                        finite = math.isfinite(value)
+                        local = [0.0 if finite else 1.0, 0.0, value if finite else 0.0]
+                    bad, nempty, loss_sum = all_reduce_sum(local, info)
+                    if bad or nempty:
+                        ok, empty = False, not bad
+                    else:
+                        scaler.scale(loss / setup.accum_iter).backward()
+                        step_loss += loss_sum / info.world_size / setup.accum_iter
+            if ok:
+                if setup.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, setup.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                counters.nonfinite_in_a_row = 0
+                stats.loss_sum += step_loss
+                stats.good_steps += 1
+            elif empty:
+                counters.empty_steps += 1
+                stats.empty_steps += 1
+                logger.warning("step %d skipped: a process got a micro-batch with no readable image", counters.step)
+            else:
+                counters.nonfinite_steps += 1
+                counters.nonfinite_in_a_row += 1
+                stats.nonfinite_steps += 1
+                logger.warning("step %d skipped: non-finite loss (%d in a row)", counters.step, counters.nonfinite_in_a_row)
+            optimizer.zero_grad(set_to_none=True)
+            counters.step += 1
+            if counters.nonfinite_in_a_row >= setup.max_nonfinite:
+                raise TrainingDiverged(
+                    f"stopping: {counters.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss "
+                    f"(epoch {epoch + 1}, step {counters.step}, lr {lr:.3g}). The last checkpoint was not "
+                    "overwritten. Try a lower --blr, --clip-grad 3.0, or --precision bf16/fp32 instead of fp16."
+                )
+            elapsed = time.perf_counter() - start
+            img_s = stats.images * info.world_size / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{step_loss:.4f}" if ok else "skip", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}",
+                            refresh=False)
+            bar.update(1)
+            if counters.step % setup.log_every == 0 and ok:
+                monitor.log({"type": "step", "epoch": epoch, "step": counters.step, "loss": step_loss, "lr": lr})
+                monitor.scalars(counters.step, "train", {"loss": step_loss, "lr": lr})
+    finally:
+        bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats

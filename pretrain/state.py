@@ -1,0 +1,166 @@
+"""Run state on disk: the resumable checkpoint and the encoder-only export.
+
+The checkpoint (``checkpoint.pth``) is the official MAE layout ``{"model": state_dict}`` (encoder
++ decoder, official key names) plus what resuming needs: ``optimizer``, ``scaler``, ``epoch``
+(epochs completed), ``step`` (optimizer steps completed, i.e. the schedule position),
+``counters``, ``config`` (the run's options) and ``model_config`` (``MaskedAutoencoderViT``
+arguments).  It holds only tensors, numbers, strings and containers, so it is read with
+``safe_torch_load`` (weights_only); it is written atomically, and never from a model with a
+non-finite weight.
+
+Checkpoints are taken at epoch boundaries.  All randomness of an epoch (data order,
+augmentations, masks, and torch / numpy / python generators, re-seeded at each epoch start) is a
+pure function of ``(seed, epoch, rank)``, so the model, optimizer, scaler and schedule position
+are the whole state: a resumed run ends bit for bit where the uninterrupted run ends (on CPU).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from mae_backbone import CheckpointError, atomic_torch_save, safe_torch_load
+from pretrain.data import mix_seed
+
+CHECKPOINT_NAME = "checkpoint.pth"
+ENCODER_NAME = "encoder.safetensors"
+STATE_FORMAT = "mae-transfer/pretrain"
+STATE_VERSION = 1
+
+
+class NonFiniteModelError(RuntimeError):
+    """The model holds NaN/inf weights; it is not written over a good checkpoint."""
+
+
+def seed_epoch_rngs(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python ``random`` as a function of (seed, epoch, rank)."""
+    s = mix_seed(seed, epoch, rank, 0xA11)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of parameters / buffers with a NaN or inf entry."""
+    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def save_training_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    epoch: int,
+    step: int,
+    counters: Mapping[str, int],
+    config: Mapping[str, Any],
+) -> Path:
+    """Write the resumable checkpoint atomically.
+
+    Raises:
+        NonFiniteModelError: a weight is NaN/inf (the existing file is left untouched).
+    """
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteModelError(
+            f"the model has non-finite weights after epoch {epoch} ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); not writing {path}, which keeps the last good state"
+        )
+    state = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+        "epoch": int(epoch),
+        "step": int(step),
+        "counters": {k: int(v) for k, v in counters.items()},
+        "config": dict(config),
+        "model_config": model.config() if hasattr(model, "config") else {},
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+    }
+    return atomic_torch_save(state, path)
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_training_state`` (or an official ``{"model": sd}``)."""
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path}: not a pretraining checkpoint (no 'model' state dict)")
+    return state
+
+
+def load_model_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` whose error names the file and the keys that differ."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            parts.append("shapes differ: " + "; ".join(shapes[:4]))
+        raise CheckpointError(f"{source}: does not fit this model ({' | '.join(parts)})")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def restore_training_state(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    source: str,
+) -> tuple[int, int, dict[str, int]]:
+    """Put a checkpoint's model, optimizer and scaler state in place.
+
+    Returns:
+        (epochs completed, optimizer steps completed, counters).
+    """
+    if state.get("format") != STATE_FORMAT or "optimizer" not in state:
+        raise CheckpointError(
+            f"{source}: holds model weights but no training state (optimizer, epoch); "
+            "it cannot be resumed"
+        )
+    load_model_strict(model, state["model"], source)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{source}: optimizer state does not fit ({exc})") from None
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]), int(state["step"]), dict(state.get("counters", {}))
+
+
+def export_encoder(model: nn.Module, path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write the encoder alone in the ``mae_backbone`` format (safetensors + metadata).
+
+    The file loads with ``mae_backbone.checkpoint.load_checkpoint`` into
+    ``create_vit(arch, img_size=..., ...)``; the metadata names the architecture.
+    """
+    from mae_backbone.checkpoint import save_checkpoint
+
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteModelError(f"the model has non-finite weights ({', '.join(bad[:5])}); not exporting {path}")
+    sd = {k: v.detach().cpu() for k, v in model.encoder_state_dict().items()}  # type: ignore[operator]
+    info = {
+        "arch": model.encoder_name,
+        "embed_dim": model.embed_dim,
+        "depth": model.depth,
+        "num_heads": model.num_heads,
+        "patch_size": model.patch_size,
+        "in_chans": model.in_chans,
+        "img_size": list(model.img_size),
+        "arch_overrides": {k: v for k, v in model.encoder_overrides.items() if k != "grad_checkpointing"},
+        "source": "mae-transfer pretrain",
+    }
+    info.update(meta or {})
+    return save_checkpoint(sd, path, info)

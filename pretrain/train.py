@@ -1,0 +1,251 @@
+"""MAE pretraining run: ``train(config)`` sets up data, model, optimizer and the run folder, then
+loops over epochs with checkpoints, logs and reconstruction grids.
+
+Run folder (``config.output``):
+    config.json          the resolved options (usable again with ``--config``)
+    log.jsonl            run / step / epoch records (``pretrain.monitor``)
+    tensorboard/         TensorBoard scalars
+    checkpoint.pth       full model + training state, every ``save_every`` epochs and at the end
+    encoder.safetensors  the encoder alone, in the mae_backbone format, at the end
+    vis/epoch_XXXX.png   reconstruction grids every ``vis_every`` epochs
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mae_backbone import atomic_write
+from pretrain.config import PretrainConfig
+from pretrain.data import DataError, EpochBatchSampler, ImageFiles, build_transform, collate, list_images, mix_seed
+from pretrain.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from pretrain.engine import Counters, StepSetup, train_one_epoch
+from pretrain.masking import check_masking, mask_noise
+from pretrain.model import MaskedAutoencoderViT, create_mae
+from pretrain.monitor import Monitor
+from pretrain.optim import absolute_lr, build_optimizer, lr_at
+from pretrain.state import (
+    CHECKPOINT_NAME,
+    ENCODER_NAME,
+    NonFiniteModelError,
+    export_encoder,
+    load_training_state,
+    nonfinite_parameters,
+    restore_training_state,
+    save_training_state,
+    seed_epoch_rngs,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+VIS_DIR = "vis"
+# options that may change between a run and its resumption without a warning
+_RESUMABLE_CHANGES = {"resume", "auto_resume", "epochs", "num_workers", "progress", "tensorboard", "log_every",
+                      "save_every", "vis_every", "vis_images", "device", "dist_backend", "output", "data",
+                      "max_nonfinite"}
+
+
+@dataclass
+class RunResult:
+    """What ``train`` did."""
+
+    output: Path
+    epochs_done: int
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # epoch records of this call
+    checkpoint: Path | None = None
+    encoder: Path | None = None
+    resumed_from: Path | None = None
+
+
+def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+    """The MAE the options describe."""
+    return create_mae(
+        cfg.model,
+        img_size=cfg.img_size,
+        decoder_embed_dim=cfg.decoder_dim,
+        decoder_depth=cfg.decoder_depth,
+        decoder_num_heads=cfg.decoder_heads,
+        target=cfg.target,
+        masking=cfg.masking,
+        encoder_mask_tokens=cfg.encoder_mask_tokens,
+        grad_checkpointing=cfg.grad_checkpointing,
+        **cfg.model_kwargs,
+    )
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a grad scaler is needed)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[precision]
+
+
+def _warn_config_changes(saved: dict[str, Any], cfg: PretrainConfig, source: Path) -> None:
+    now = cfg.to_dict()
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != now[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        logger.warning("resuming %s with changed options (%s); the run will not match an uninterrupted one",
+                       source, details)
+
+
+def _vis_batch(dataset: ImageFiles, img_size: int, count: int) -> torch.Tensor | None:
+    """The first ``count`` readable images, center-cropped (fixed for the whole run)."""
+    transform = build_transform("none", img_size)
+    keep = []
+    for i in range(len(dataset)):
+        if len(keep) == count:
+            break
+        item = ImageFiles(dataset.files[i : i + 1], transform)[(0, 0)]
+        if item.image is not None:
+            keep.append(item.image)
+    return torch.stack(keep) if keep else None
+
+
+def _save_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, cfg: PretrainConfig, epoch: int, path: Path) -> None:
+    from pretrain.visualize import reconstruct, render_figure
+
+    was_training = model.training
+    noise = mask_noise(cfg.masking, model.grid_size, cfg.mask_ratio,
+                       seeds=[mix_seed(cfg.seed, 0x715, i) for i in range(len(imgs))])
+    rec = reconstruct(model, imgs, cfg.mask_ratio, noise)
+    model.train(was_training)
+    fig = render_figure(rec, f"epoch {epoch}: loss {rec.loss:.4f}", scale=max(1, 128 // cfg.img_size))
+    atomic_write(path, lambda tmp: fig.save(tmp, format="PNG"))
+
+
+def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> RunResult:
+    """Pretrain an MAE as ``cfg`` says, resuming from a checkpoint when there is one.
+
+    Run it directly or under ``torchrun`` (one process per device, any number of nodes).
+
+    Args:
+        cfg: the options.
+        model: a prebuilt model (default: ``build_model(cfg)``).
+    Raises:
+        DataError: no readable image, or fewer images than one global batch.
+        TrainingDiverged: too many non-finite losses in a row.
+        NonFiniteModelError: the weights became non-finite (the checkpoint keeps the last good state).
+    """
+    cfg.validate()
+    info = init_distributed(cfg.device, cfg.dist_backend)
+    monitor = Monitor(Path(cfg.output), enabled=False)
+    try:
+        out = Path(cfg.output)
+        files = list_images(cfg.data)
+        dataset = ImageFiles(files, build_transform(cfg.aug, cfg.img_size))
+        dataset.first_readable()  # raises DataError before anything else when nothing decodes
+
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        model = model if model is not None else build_model(cfg)
+        check_masking(cfg.masking, cfg.mask_ratio, model.grid_size)
+        model.to(info.device)
+
+        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, info.rank, info.world_size, cfg.accum_iter)
+        effective_batch = cfg.batch_size * cfg.accum_iter * info.world_size
+        if sampler.steps_per_epoch == 0:
+            raise DataError(f"{cfg.data}: {len(dataset)} images, fewer than one optimizer step needs "
+                            f"({effective_batch} = batch {cfg.batch_size} x accum {cfg.accum_iter} x "
+                            f"{info.world_size} processes)")
+        steps_per_epoch = sampler.steps_per_epoch
+        lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, effective_batch)
+        optimizer = build_optimizer(model, lr, cfg.weight_decay)
+        amp_dtype, use_scaler = resolve_precision(cfg.precision, info.device)
+        scaler = torch.amp.GradScaler(info.device.type, enabled=use_scaler)
+
+        counters = Counters()
+        start_epoch = 0
+        ckpt_path = out / CHECKPOINT_NAME
+        resume = Path(cfg.resume) if cfg.resume else (ckpt_path if cfg.auto_resume and ckpt_path.exists() else None)
+        if resume is not None:
+            state = load_training_state(resume)
+            _warn_config_changes(state.get("config", {}), cfg, resume)
+            start_epoch, step, saved = restore_training_state(state, model, optimizer, scaler, str(resume))
+            counters = Counters(**{k: int(v) for k, v in saved.items() if k in Counters().as_dict()})
+            counters.step = step
+            del state
+            logger.info("resumed from %s: %d epochs, %d steps done", resume, start_epoch, step)
+
+        monitor = Monitor(out, enabled=info.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+            atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+            monitor.log({"type": "run", "resumed_from": str(resume) if resume else None, "start_epoch": start_epoch,
+                         "world_size": info.world_size, "effective_batch": effective_batch, "lr": lr,
+                         "images": len(dataset), "steps_per_epoch": steps_per_epoch,
+                         "precision": str(amp_dtype or "fp32"), "device": str(info.device)})
+        vis_imgs = _vis_batch(dataset, cfg.img_size, cfg.vis_images) if info.is_main and cfg.vis_every else None
+
+        if info.distributed:
+            ddp_model: torch.nn.Module = DistributedDataParallel(
+                model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        else:
+            ddp_model = model
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+                            pin_memory=info.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup_steps = cfg.warmup_epochs * steps_per_epoch
+        setup = StepSetup(
+            mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, accum_iter=cfg.accum_iter,
+            lr_at=lambda step: lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps),
+            amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, max_nonfinite=cfg.max_nonfinite,
+            log_every=cfg.log_every, epochs=cfg.epochs,
+        )
+        result = RunResult(output=out, epochs_done=start_epoch, steps=counters.step,
+                           resumed_from=resume)
+        seen_failures: set[str] = set()
+        for epoch in range(start_epoch, cfg.epochs):
+            seed_epoch_rngs(cfg.seed, epoch, info.rank)
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(ddp_model, loader, steps_per_epoch, optimizer, scaler, setup, counters, epoch,
+                                    info, monitor, seen_failures)
+            skipped, images = (int(v) for v in all_reduce_sum([stats.skipped_images, stats.images], info))
+            counters.skipped_images += skipped
+            done = epoch + 1
+            record = {
+                "type": "epoch", "epoch": done, "step": counters.step, "loss": stats.mean_loss,
+                "lr": setup.lr_at(counters.step - 1), "img_per_s": images / max(stats.seconds, 1e-9),
+                "seconds": stats.seconds, "images": images, "skipped_images": skipped,
+                "skipped_files": stats.failures, "nonfinite_steps": stats.nonfinite_steps,
+                "empty_steps": stats.empty_steps,
+            }
+            monitor.log(record)
+            monitor.scalars(done, "epoch", {k: record[k] for k in ("loss", "img_per_s", "skipped_images",
+                                                                   "nonfinite_steps")})
+            result.history.append(record)
+            if skipped:
+                logger.warning("epoch %d: skipped %d unreadable images", done, skipped)
+            if done % cfg.save_every == 0 or done == cfg.epochs:
+                bad = nonfinite_parameters(model)
+                if bad:
+                    raise NonFiniteModelError(f"the weights became non-finite in epoch {done} ({bad[0]} ...); "
+                                              f"{ckpt_path} keeps the last good state")
+                if info.is_main:
+                    save_training_state(ckpt_path, model, optimizer, scaler, done, counters.step,
+                                        counters.as_dict(), cfg.to_dict())
+                    result.checkpoint = ckpt_path
+                barrier(info)
+            if vis_imgs is not None and (done % cfg.vis_every == 0 or done == cfg.epochs):
+                _save_grid(model, vis_imgs.to(info.device), cfg, done, out / VIS_DIR / f"epoch_{done:04d}.png")
+            result.epochs_done, result.steps = done, counters.step
+
+        if info.is_main:
+            meta = {"epochs": result.epochs_done, "mask_ratio": cfg.mask_ratio, "masking": cfg.masking,
+                    "target": cfg.target, "pretrain_model": cfg.model}
+            result.encoder = export_encoder(model, out / ENCODER_NAME, meta)
+            if result.checkpoint is None and ckpt_path.exists():
+                result.checkpoint = ckpt_path
+        barrier(info)
+        return result
+    finally:
+        monitor.close()
+        cleanup()
