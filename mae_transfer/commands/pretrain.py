@@ -1,0 +1,52 @@
+"""``mae-transfer pretrain``: MAE pretraining (``pretrain.train``) from flags and/or a config file.
+
+Runs as one process, or under ``torchrun`` with one process per device on one or many nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def run(args: argparse.Namespace) -> int:
+    from mae_backbone import CheckpointError
+    from pretrain.config import config_from_args
+    from pretrain.data import DataError
+    from pretrain.engine import TrainingDiverged
+    from pretrain.state import NonFiniteModelError
+    from pretrain.train import train
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"mae-transfer pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg)
+    except (DataError, TrainingDiverged, NonFiniteModelError, CheckpointError) as exc:
+        print(f"mae-transfer pretrain: error: {exc}", file=sys.stderr)
+        return 1
+    if main_process:
+        print(f"pretrained {result.epochs_done} epochs ({result.steps} steps) in {result.output}")
+        print(f"  full checkpoint (resume, visualize): {result.checkpoint}")
+        print(f"  encoder for downstream tasks:        {result.encoder}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from pretrain.config import add_arguments
+
+    p = sub.add_parser(
+        "pretrain",
+        help="MAE pretraining on a folder or list of images",
+        description="MAE pretraining. Defaults are the paper's recipe; every option is also a key "
+        "of --config (YAML/JSON). Resumes automatically from OUTPUT/checkpoint.pth. "
+        "Multi-process: torchrun --nproc_per_node N -m mae_transfer pretrain ...",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
