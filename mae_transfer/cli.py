@@ -15,6 +15,8 @@ from mae_transfer import __version__
 # sub-command modules, in the order --help lists them
 COMMANDS = (
     "mae_transfer.commands.env",
+    "mae_transfer.commands.pretrain",
+    "mae_transfer.commands.visualize",
     "mae_transfer.commands.demo",
 )
 
