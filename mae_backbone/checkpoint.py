@@ -127,8 +127,8 @@ def read_checkpoint(path: str | Path, format: str = "auto") -> tuple[dict[str, t
         path: a file, or a Hugging Face model folder.
         format: ``auto`` or one of ``mae_backbone.formats.FORMATS``.
     Returns:
-        (state_dict, meta); ``meta`` has ``format``, ``source`` and ``notes`` (what was dropped),
-        plus the stored metadata for our format.
+        (state_dict, meta); ``meta`` has ``format``, ``path``, ``source`` (provenance) and
+        ``notes`` (what was dropped), plus the stored metadata for our format.
     """
     path = Path(path)
     if format != "auto" and format not in ("ours", *READERS):
@@ -169,7 +169,8 @@ def read_checkpoint(path: str | Path, format: str = "auto") -> tuple[dict[str, t
         raise CheckpointError(f"{path}: does not look like a {fmt!r} checkpoint (missing {exc})") from None
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    meta.update(format=fmt, source=str(path), notes=notes)
+    meta.update(format=fmt, path=str(path), notes=notes)
+    meta.setdefault("source", str(path))  # provenance: stored by our format, else the file itself
     return sd, meta
 
 
@@ -271,10 +272,10 @@ def load_checkpoint(
         CheckpointError: listing every missing, unexpected or mis-shaped key that was not allowed.
     """
     if isinstance(src, Mapping):
-        sd, meta = dict(src), {"format": "state dict", "source": "<state dict>", "notes": []}
+        sd, meta = dict(src), {"format": "state dict", "path": "<state dict>", "notes": []}
     else:
         sd, meta = read_checkpoint(src, format)
-    report = LoadReport(source=meta["source"], format=meta["format"], notes=list(meta.get("notes", [])))
+    report = LoadReport(source=meta["path"], format=meta["format"], notes=list(meta.get("notes", [])))
     allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
     vit = model.get_submodule(prefix.rstrip(".")) if prefix else model
     target = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}

@@ -125,7 +125,7 @@ class VisionTransformer(nn.Module):
             sincos_2d_pos_embed(embed_dim, self.grid_size, cls_token=True).unsqueeze(0),
             requires_grad=pos_embed_learnable,
         )
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, as in timm
         blocks = []
         for i in range(depth):
             windowed = window_size > 0 and i not in self.global_blocks

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Sequence
 
 from mae_transfer import __version__
@@ -15,6 +16,7 @@ from mae_transfer import __version__
 # sub-command modules, in the order --help lists them
 COMMANDS = (
     "mae_transfer.commands.env",
+    "mae_transfer.commands.convert",
     "mae_transfer.commands.pretrain",
     "mae_transfer.commands.visualize",
     "mae_transfer.commands.demo",
@@ -34,5 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mae_backbone.io import CheckpointError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CheckpointError as exc:  # bad input from the user: say what and where, no traceback
+        print(f"mae-transfer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
