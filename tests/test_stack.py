@@ -67,6 +67,7 @@ def test_detectron2_coco_evaluator_scores_ground_truth_as_perfect(tmp_path):
     name = f"stack_test_{os.getpid()}"
     register_coco_instances(name, {}, str(tmp_path / "gt.json"), str(tmp_path))
     try:
+        assert len(DatasetCatalog.get(name)) == 2  # loading fills the category-id mapping, as a data loader does
         evaluator = COCOEvaluator(name, output_dir=str(tmp_path), use_fast_impl=False)
         evaluator.reset()
         for img_id, bxs in boxes.items():
@@ -136,7 +137,7 @@ def test_mmseg_encoder_decoder_with_uperhead_computes_a_loss():
 
 
 # --------------------------------------------------------------------------- MMEngine resume
-def _runner(work_dir, max_iters, resume):
+def _runner(work_dir, max_iters, resume, hooks=()):
     from mmengine.model import BaseModel
     from mmengine.runner import Runner
 
@@ -149,11 +150,11 @@ def _runner(work_dir, max_iters, resume):
             out = self.linear(inputs)
             return {"loss": ((out.squeeze(1) - labels) ** 2).mean()} if mode == "loss" else out
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 2, generator=g)
+    torch.manual_seed(0)  # same initial weights in every runner
+    x = torch.randn(16, 2)
     data = [(x[i], x[i].sum()) for i in range(16)]
     return Runner(
-        model=Toy(),
+        model=Toy(),  # built after the seed above
         work_dir=str(work_dir),
         train_dataloader=dict(dataset=data, sampler=dict(type="DefaultSampler", shuffle=True),
                               batch_size=4, collate_fn=dict(type="default_collate")),
@@ -161,41 +162,45 @@ def _runner(work_dir, max_iters, resume):
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=3, by_epoch=False),
                            logger=dict(type="LoggerHook", interval=1)),
+        custom_hooks=list(hooks),
         randomness=dict(seed=0),
         resume=resume,
         default_scope="mmengine",
     )
 
 
-def test_mmengine_resume_under_weights_only_with_the_allow_list(tmp_path):
-    from segmentation.safe_loading import mmengine_safe_loading
-
-    full = _runner(tmp_path / "full", 6, False)
-    full.train()
-    part = _runner(tmp_path / "part", 3, False)
-    part.train()
-    ckpt = tmp_path / "part" / "iter_3.pth"
-    assert ckpt.exists()
-    # the plain weights_only load that MMEngine does fails on its own message hub ...
+def test_mmengine_resume_under_weights_only(tmp_path):
+    """MMEngine's own checkpoints fail the weights_only load; with our hook they resume exactly."""
+    plain = _runner(tmp_path / "plain", 3, False)
+    plain.train()
     with pytest.raises(pickle.UnpicklingError, match="HistoryBuffer|GLOBAL"):
-        torch.load(ckpt, weights_only=True)
-    # ... and resumes with the allow-list, to the same weights as the uninterrupted run
-    resumed = _runner(tmp_path / "part", 6, True)
-    with mmengine_safe_loading():
-        resumed.train()
+        torch.load(tmp_path / "plain" / "iter_3.pth", weights_only=True)
+
+    hook = dict(type="SafeCheckpointHook")
+    import segmentation.safe_loading  # noqa: F401  (registers the hook)
+
+    full = _runner(tmp_path / "full", 6, False, [hook])
+    full.train()
+    part = _runner(tmp_path / "part", 3, False, [hook])
+    part.train()
+    ckpt = torch.load(tmp_path / "part" / "iter_3.pth", weights_only=True)  # no allow-list needed
+    assert ckpt["meta"]["iter"] == 3
+    resumed = _runner(tmp_path / "part", 6, True, [hook])
+    resumed.train()
     assert resumed.iter == 6
+    assert resumed.message_hub.get_scalar("train/loss").data[0].shape[0] == 6  # history kept across resume
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b)
 
 
-def test_mmengine_allow_list_still_refuses_code(tmp_path):
-    from segmentation.safe_loading import mmengine_safe_loading
+def test_mmengine_load_still_refuses_code(tmp_path):
+    from mmengine.runner.checkpoint import _load_checkpoint
 
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"state_dict": {}, "meta": Evil()}, tmp_path / "evil.pth")
-    with mmengine_safe_loading(), pytest.raises(pickle.UnpicklingError):
-        torch.load(tmp_path / "evil.pth", weights_only=True)
+    with pytest.raises(pickle.UnpicklingError):
+        _load_checkpoint(str(tmp_path / "evil.pth"), map_location="cpu")
     assert not (tmp_path / "pwned").exists()

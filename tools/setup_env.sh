@@ -81,7 +81,17 @@ install_mmcv() {
         sed -i -e 's/-std=c++14/-std=c++20/g' -e 's/-std=c++17/-std=c++20/g' "$work/mmcv-$MMCV_VERSION/setup.py"
         mkdir -p "$wheels"
         MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip wheel --disable-pip-version-check -q \
-            --no-build-isolation --no-deps -w "$work/dist" "$work/mmcv-$MMCV_VERSION"
+            --no-build-isolation --no-deps -w "$work/dist" "$work/mmcv-$MMCV_VERSION" > "$work/build.log" 2>&1 &
+        local pid=$! t=$(date +%s)
+        while kill -0 "$pid" 2>/dev/null; do  # a heartbeat, so an 11-minute build does not look hung
+            sleep 30
+            kill -0 "$pid" 2>/dev/null && echo "    ... still compiling mmcv ops ($(( $(date +%s) - t )) s)"
+        done
+        if ! wait "$pid"; then
+            tail -n 40 "$work/build.log" >&2
+            echo "    mmcv build failed; full log: $work/build.log" >&2
+            return 1
+        fi
         # move into the cache only when complete, so an interrupted build is never reused
         whl="$wheels/$(basename "$work"/dist/mmcv-*.whl)"
         mv "$work"/dist/mmcv-*.whl "$whl.part" && mv "$whl.part" "$whl"
