@@ -22,6 +22,10 @@ from pretrain.masking import MASKINGS
 from pretrain.model import MAE_ARCHS, TARGETS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# encoder arguments that model_kwargs may override (the ViT architecture)
+ENCODER_ARGS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "norm_eps",
+                "drop_path_rate")
+_MANAGED_ENCODER_ARGS = {"img_size": "img_size", "grad_checkpointing": "grad_checkpointing"}
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -109,8 +113,14 @@ class PretrainConfig:
             raise ValueError(f"decoder_dim must be a multiple of 4 (sin-cos position embedding), got {self.decoder_dim}")
         if not isinstance(self.model_kwargs, dict):
             raise ValueError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
-        if "img_size" in self.model_kwargs:
-            raise ValueError("model_kwargs: set the image size with img_size, not inside model_kwargs")
+        for key in self.model_kwargs:
+            if key in _MANAGED_ENCODER_ARGS:
+                raise ValueError(f"model_kwargs: set {key!r} with its own option ({_MANAGED_ENCODER_ARGS[key]})")
+            if key not in ENCODER_ARGS:
+                close = difflib.get_close_matches(key, sorted(ENCODER_ARGS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"model_kwargs: {key!r} is not an encoder option{hint} "
+                                 f"(options: {', '.join(sorted(ENCODER_ARGS))})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         return self

@@ -23,7 +23,16 @@ from torch.utils.data import DataLoader
 
 from mae_backbone import atomic_write
 from pretrain.config import PretrainConfig
-from pretrain.data import DataError, EpochBatchSampler, ImageFiles, build_transform, collate, list_images, mix_seed
+from pretrain.data import (
+    DataError,
+    EpochBatchSampler,
+    ImageFiles,
+    build_transform,
+    collate,
+    list_images,
+    load_rgb,
+    mix_seed,
+)
 from pretrain.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from pretrain.engine import Counters, StepSetup, train_one_epoch
 from pretrain.masking import check_masking, mask_noise
@@ -81,11 +90,14 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
     )
 
 
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a grad scaler is needed)."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on a GPU that supports it, else ``fp32``."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[precision]
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _warn_config_changes(saved: dict[str, Any], cfg: PretrainConfig, source: Path) -> None:
@@ -97,29 +109,30 @@ def _warn_config_changes(saved: dict[str, Any], cfg: PretrainConfig, source: Pat
                        source, details)
 
 
-def _vis_batch(dataset: ImageFiles, img_size: int, count: int) -> torch.Tensor | None:
-    """The first ``count`` readable images, center-cropped (fixed for the whole run)."""
+def _vis_batch(files: list[Path], img_size: int, count: int) -> torch.Tensor | None:
+    """The first ``count`` readable images, center-cropped (the same for the whole run)."""
     transform = build_transform("none", img_size)
     keep = []
-    for i in range(len(dataset)):
+    for path in files:
         if len(keep) == count:
             break
-        item = ImageFiles(dataset.files[i : i + 1], transform)[(0, 0)]
-        if item.image is not None:
-            keep.append(item.image)
+        try:
+            keep.append(transform(load_rgb(path)))
+        except Exception:  # unreadable: the training loop reports it
+            continue
     return torch.stack(keep) if keep else None
 
 
 def _save_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, cfg: PretrainConfig, epoch: int, path: Path) -> None:
-    from pretrain.visualize import reconstruct, render_figure
+    from pretrain.visualize import reconstruct, render_figure, save_figure
 
     was_training = model.training
     noise = mask_noise(cfg.masking, model.grid_size, cfg.mask_ratio,
                        seeds=[mix_seed(cfg.seed, 0x715, i) for i in range(len(imgs))])
     rec = reconstruct(model, imgs, cfg.mask_ratio, noise)
     model.train(was_training)
-    fig = render_figure(rec, f"epoch {epoch}: loss {rec.loss:.4f}", scale=max(1, 128 // cfg.img_size))
-    atomic_write(path, lambda tmp: fig.save(tmp, format="PNG"))
+    title = f"epoch {epoch}: loss {rec.loss:.4f} on masked patches"
+    save_figure(render_figure(rec, title, scale=max(1, 128 // cfg.img_size)), rec, path, title)
 
 
 def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> RunResult:
@@ -158,8 +171,9 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> Run
         steps_per_epoch = sampler.steps_per_epoch
         lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, effective_batch)
         optimizer = build_optimizer(model, lr, cfg.weight_decay)
-        amp_dtype, use_scaler = resolve_precision(cfg.precision, info.device)
-        scaler = torch.amp.GradScaler(info.device.type, enabled=use_scaler)
+        precision = resolve_precision(cfg.precision, info.device)
+        amp_dtype = AMP_DTYPES[precision]
+        scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
 
         counters = Counters()
         start_epoch = 0
@@ -182,8 +196,8 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> Run
             monitor.log({"type": "run", "resumed_from": str(resume) if resume else None, "start_epoch": start_epoch,
                          "world_size": info.world_size, "effective_batch": effective_batch, "lr": lr,
                          "images": len(dataset), "steps_per_epoch": steps_per_epoch,
-                         "precision": str(amp_dtype or "fp32"), "device": str(info.device)})
-        vis_imgs = _vis_batch(dataset, cfg.img_size, cfg.vis_images) if info.is_main and cfg.vis_every else None
+                         "precision": precision, "device": str(info.device)})
+        vis_imgs = _vis_batch(files, cfg.img_size, cfg.vis_images) if info.is_main and cfg.vis_every else None
 
         if info.distributed:
             ddp_model: torch.nn.Module = DistributedDataParallel(

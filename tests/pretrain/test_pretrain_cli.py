@@ -54,6 +54,8 @@ def test_unknown_config_key_names_it_and_suggests_the_closest(tmp_path, capsys):
     ({"decoder_dim": 100, "decoder_heads": 16}, "not divisible"),
     ({"epochs": 2.5}, "expected an integer"),
     ({"tensorboard": "yes"}, "expected true or false"),
+    ({"model_kwargs": {"dpeth": 2}}, "did you mean 'depth'"),
+    ({"model_kwargs": {"img_size": 64}}, "its own option"),
 ])
 def test_bad_values_are_explained(values, message):
     with pytest.raises(ValueError, match=message):
