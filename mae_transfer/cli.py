@@ -17,6 +17,7 @@ from mae_transfer import __version__
 COMMANDS = (
     "mae_transfer.commands.env",
     "mae_transfer.commands.convert",
+    "mae_transfer.commands.data",
     "mae_transfer.commands.pretrain",
     "mae_transfer.commands.visualize",
     "mae_transfer.commands.demo",
