@@ -1,0 +1,354 @@
+"""The classification options: one dataclass for the three protocols, used by the library, the
+CLI and config files.
+
+Protocols (``protocol``):
+- ``finetune``: end-to-end fine-tuning, the MAE recipe (paper Table 9 / official README):
+  AdamW (0.9, 0.999), wd 0.05, layer-wise lr decay, cosine with warmup, drop path 0.1,
+  RandAug (9, 0.5), random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, global
+  average pooling with ``fc_norm``.  With ``tune_blocks`` K (or ``mlp``) it is the paper's
+  *partial* fine-tuning (section 4.3, same recipe; only the last K blocks, the final norm and the
+  head train).
+- ``linprobe``: frozen backbone, BatchNorm (no affine) + linear head on the class token, LARS
+  (momentum 0.9), no weight decay, base lr 0.1, 90 epochs, 10 warmup, crop + flip only.
+
+Options left ``None`` take the recipe's value for the protocol and architecture
+(``recipe_defaults``): ViT-B (and smaller) fine-tunes 100 epochs at base lr 5e-4 with layer decay
+0.65; ViT-L/H 50 epochs at 1e-3 with 0.75.  ``resolve`` fills them in; the resolved config is
+what a run saves as ``config.json``.
+
+A config file (YAML or JSON) holds the same keys as the flags; an unknown key, or a fine-tuning
+key in a linear-probe config, is an error naming it.  Precedence: defaults < file < flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+PROTOCOLS = ("finetune", "linprobe")
+POOLS = ("avg", "cls")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MIXUP_MODES = ("batch", "pair", "elem")
+
+# Per-architecture fine-tuning recipes (official MAE README); others use the ViT-B recipe.
+_FT_BASE = dict(epochs=100, blr=5e-4, layer_decay=0.65)
+_FT_LARGE = dict(epochs=50, blr=1e-3, layer_decay=0.75)
+FINETUNE_RECIPES: dict[str, dict[str, float]] = {
+    "vit_large_patch16": _FT_LARGE,
+    "vit_huge_patch14": _FT_LARGE,
+}
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "finetune": dict(img_size=224, pool="avg", warmup_epochs=5, batch_size=64, min_lr=1e-6, weight_decay=0.05, drop_path=0.1),
+    "linprobe": dict(img_size=224, pool="cls", warmup_epochs=10, batch_size=512, min_lr=0.0, weight_decay=0.0, drop_path=0.0,
+                     epochs=90, blr=0.1, layer_decay=1.0),
+}
+
+
+def recipe_defaults(protocol: str, arch: str | None) -> dict[str, Any]:
+    """The recipe's values of the options left ``None``, for a protocol and an architecture."""
+    out = dict(PROTOCOL_DEFAULTS[protocol])
+    if protocol == "finetune":
+        out.update(FINETUNE_RECIPES.get(arch or "", _FT_BASE))
+    return out
+
+
+def _opt(help: str, finetune_only: bool = False, **kw: Any) -> Any:
+    default = kw.pop("default")
+    meta = dict(help=help, finetune_only=finetune_only, **kw)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ClassifyConfig:
+    """Every option of ``mae-transfer finetune`` / ``linprobe`` (field names are the flag names)."""
+
+    protocol: str = _opt("finetune (incl. partial) or linprobe; set by the sub-command", default="finetune",
+                         choices=PROTOCOLS)
+    # data and output
+    data: str = _opt("dataset root holding train/ and val/ class folders (ImageNet layout)", default="")
+    train: str = _opt("training class folder (default: DATA/train)", default=None, type=str)
+    val: str = _opt("validation class folder (default: DATA/val)", default=None, type=str)
+    output: str = _opt("run folder: checkpoint.pth, model.safetensors, metrics.json, log.jsonl, TensorBoard",
+                       default="")
+    # model
+    checkpoint: str = _opt("pretrained weights in any format mae_backbone reads (with --eval: the model to "
+                           "evaluate)", default=None, type=str)
+    checkpoint_format: str = _opt("format of --checkpoint (auto: detected)", default="auto")
+    model: str = _opt("ViT architecture (default: the one the checkpoint names)", default=None, type=str)
+    model_kwargs: dict = _opt('ViT overrides as JSON, e.g. \'{"depth": 6}\' (default: the checkpoint\'s)',
+                              default={})
+    img_size: int = _opt("input resolution in pixels (default 224; --eval: the checkpoint's)", default=None, type=int)
+    pool: str = _opt("feature: avg = mean of patch tokens + fc_norm, cls = class token after norm "
+                     "(recipe: finetune avg, linprobe cls)", default=None, type=str, choices=POOLS)
+    tune_blocks: str = _opt("partial fine-tuning: 'all', K (the last K blocks + final norm + head train), or "
+                            "'mlp' / 0.5 (the MLP half of the last block)", default="all", finetune_only=True)
+    drop_path: float = _opt("stochastic depth rate (recipe 0.1)", default=None, type=float, finetune_only=True)
+    # optimization
+    epochs: int = _opt("training epochs (recipe: ViT-B 100, L/H 50; linprobe 90)", default=None, type=int)
+    warmup_epochs: int = _opt("linear warmup epochs (recipe: 5; linprobe 10)", default=None, type=int)
+    batch_size: int = _opt("images per process per micro-batch (recipe: 64; linprobe 512)", default=None, type=int)
+    accum_iter: int = _opt("micro-batches per optimizer step", default=1)
+    blr: float = _opt("base lr: lr = blr x effective batch / 256 (recipe: ViT-B 5e-4, L/H 1e-3; linprobe 0.1)",
+                      default=None, type=float)
+    lr: float = _opt("absolute learning rate (overrides --blr)", default=None, type=float)
+    min_lr: float = _opt("final lr of the cosine schedule (recipe: 1e-6; linprobe 0)", default=None, type=float)
+    weight_decay: float = _opt("weight decay (recipe: 0.05; linprobe 0)", default=None, type=float)
+    layer_decay: float = _opt("layer-wise lr decay (recipe: ViT-B 0.65, L/H 0.75)", default=None, type=float,
+                              finetune_only=True)
+    clip_grad: float = _opt("clip the gradient norm to this value", default=None, type=float)
+    smoothing: float = _opt("label smoothing", default=0.1, finetune_only=True)
+    mixup: float = _opt("mixup alpha (0: off)", default=0.8, finetune_only=True)
+    cutmix: float = _opt("cutmix alpha (0: off)", default=1.0, finetune_only=True)
+    mixup_prob: float = _opt("probability of mixing a batch", default=1.0, finetune_only=True)
+    mixup_switch_prob: float = _opt("probability of cutmix instead of mixup when both are on", default=0.5,
+                                    finetune_only=True)
+    mixup_mode: str = _opt("mix per batch, pair or element", default="batch", choices=MIXUP_MODES,
+                           finetune_only=True)
+    aa: str = _opt("timm AutoAugment/RandAugment policy ('none': off)", default="rand-m9-mstd0.5-inc1",
+                   finetune_only=True)
+    reprob: float = _opt("random erasing probability", default=0.25, finetune_only=True)
+    remode: str = _opt("random erasing fill", default="pixel", choices=("const", "rand", "pixel"),
+                       finetune_only=True)
+    recount: int = _opt("random erasing count", default=1, finetune_only=True)
+    crop_pct: float = _opt("evaluation: resize to img_size / crop_pct, center crop", default=0.875)
+    ema_decay: float = _opt("keep an EMA of the weights with this decay, also evaluated (e.g. 0.9999)",
+                            default=None, type=float)
+    precision: str = _opt("auto = bf16 on a GPU that has it, else fp32; fp16 uses a grad scaler",
+                          default="auto", choices=PRECISIONS)
+    seed: int = _opt("seed of the head init, data order, augmentations, mixup and drop path", default=0)
+    # runtime
+    num_workers: int = _opt("data-loading processes per training process", default=8)
+    device: str = _opt("auto, cpu, cuda", default="auto", choices=("auto", "cpu", "cuda"))
+    dist_backend: str = _opt("torch.distributed backend: auto = nccl with CUDA, else gloo", default="auto")
+    # checkpoints, evaluation and feedback
+    eval: bool = _opt("only evaluate --checkpoint on the validation folder", default=False)
+    eval_every: int = _opt("evaluate every N epochs (and at the end)", default=1)
+    save_every: int = _opt("write checkpoint.pth every N epochs (and at the end)", default=1)
+    log_every: int = _opt("log the loss every N optimizer steps", default=20)
+    tensorboard: bool = _opt("write TensorBoard scalars", default=True)
+    progress: bool = _opt("show a progress bar", default=True)
+    resume: str = _opt("training checkpoint to resume from", default=None, type=str)
+    auto_resume: bool = _opt("resume from OUTPUT/checkpoint.pth when it exists", default=True)
+    max_nonfinite: int = _opt("stop after this many optimizer steps in a row with a non-finite loss", default=10)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def global_pool(self) -> bool:
+        return (self.pool or PROTOCOL_DEFAULTS[self.protocol]["pool"]) == "avg"
+
+    @property
+    def train_dir(self) -> Path:
+        return Path(self.train) if self.train else Path(self.data) / "train"
+
+    @property
+    def val_dir(self) -> Path:
+        return Path(self.val) if self.val else Path(self.data) / "val"
+
+    def tune(self) -> str | int:
+        """``tune_blocks`` parsed: ``'all'``, ``'mlp'`` or an int K; linprobe: ``'head'``."""
+        if self.protocol == "linprobe":
+            return "head"
+        return parse_tune_blocks(self.tune_blocks)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "ClassifyConfig":
+        """Raise ``ValueError`` naming the option when a value cannot work; return self."""
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if not self.data and not (self.val and (self.train or self.eval)):
+            raise ValueError("data: give the dataset root (--data DIR with train/ and val/) or --train and --val")
+        if not self.output and not self.eval:
+            raise ValueError("output: give the run folder (--output DIR)")
+        if self.eval and not (self.checkpoint or self.resume):
+            raise ValueError("eval: give the model to evaluate with --checkpoint")
+        for name, f in _FIELDS.items():
+            choices = f.metadata.get("choices")
+            value = getattr(self, name)
+            if choices and value is not None and value not in choices:
+                close = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}{hint}")
+        self.tune()  # raises on a bad tune_blocks
+        for name in ("img_size", "accum_iter", "eval_every", "save_every", "log_every", "max_nonfinite",
+                     "epochs", "batch_size", "recount"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name in ("warmup_epochs", "num_workers", "min_lr", "weight_decay", "drop_path", "smoothing", "mixup",
+                     "cutmix", "reprob", "blr", "lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative, got {value}")
+        for name in ("mixup_prob", "mixup_switch_prob", "reprob", "smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
+        bad = sorted(set(self.model_kwargs) & {"img_size", "num_classes", "global_pool", "drop_path_rate"})
+        if bad:
+            raise ValueError(f"model_kwargs: set {', '.join(bad)} with their own options (--img-size, --pool, "
+                             "--drop-path), not inside model_kwargs")
+        if self.protocol == "linprobe":
+            changed = [n for n, f in _FIELDS.items() if f.metadata["finetune_only"] and getattr(self, n) != _default(n)]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: fine-tuning options; a linear probe does not use them")
+        return self
+
+    def resolve(self, arch: str | None) -> "ClassifyConfig":
+        """A copy with every ``None`` recipe option filled in for ``arch`` (see ``recipe_defaults``)."""
+        values = {k: v for k, v in recipe_defaults(self.protocol, arch).items() if getattr(self, k) is None}
+        if self.model is None and arch is not None:
+            values["model"] = arch
+        return dataclasses.replace(self, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(ClassifyConfig)}
+
+
+def _default(name: str) -> Any:
+    f = _FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def parse_tune_blocks(value: str | int | float) -> str | int:
+    """``'all'`` | ``'mlp'`` (also ``0.5``) | K >= 0 blocks.  Raises ``ValueError`` otherwise."""
+    text = str(value).strip().lower()
+    if text in ("all", "mlp"):
+        return text
+    if text in ("0.5", ".5"):
+        return "mlp"
+    try:
+        k = int(text)
+    except ValueError:
+        raise ValueError(f"tune_blocks: expected 'all', 'mlp' (or 0.5) or a number of blocks, got {value!r}") from None
+    if k < 0:
+        raise ValueError(f"tune_blocks must not be negative, got {k}")
+    return k
+
+
+def fields_for(protocol: str) -> list[str]:
+    """The option names a protocol accepts (``protocol`` itself is set by the sub-command)."""
+    return [n for n, f in _FIELDS.items() if n != "protocol" and (protocol == "finetune" or not f.metadata["finetune_only"])]
+
+
+def _normalize_keys(values: Mapping[str, Any], where: str, protocol: str) -> dict[str, Any]:
+    allowed = fields_for(protocol) + ["protocol"]
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in allowed:
+            if name in _FIELDS:
+                raise ValueError(f"{where}: {key!r} is a fine-tuning option; a linear probe does not use it")
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{where}: unknown option {key!r}{hint}")
+        out[name] = value
+    return out
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Values from JSON/YAML/strings into the field's type."""
+    if value is None:
+        return None
+    f = _FIELDS[name]
+    if name == "model_kwargs":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"model_kwargs: not valid JSON ({exc})") from None
+        return value
+    if name == "tune_blocks":
+        return str(value)
+    kind = f.metadata.get("type") or type(_default(name))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if kind in (int, float):
+        try:
+            coerced = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+        if kind is int and not isinstance(value, str) and coerced != value:
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return coerced
+    return str(value) if kind is str else value
+
+
+def load_config_file(path: str | Path, protocol: str) -> dict[str, Any]:
+    """Options from a YAML (``.yaml``/``.yml``) or JSON file (e.g. a run's ``config.json``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such config file")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    if values.get("protocol", protocol) != protocol:
+        raise ValueError(f"{path}: a {values['protocol']} config, used for {protocol}")
+    values = _normalize_keys(values, str(path), protocol)
+    return {k: _coerce(k, v) for k, v in values.items()}
+
+
+def make_config(protocol: str, values: Mapping[str, Any] | None = None,
+                config_file: str | Path | None = None) -> ClassifyConfig:
+    """Defaults, then the file's values, then ``values`` (e.g. explicit flags); validated."""
+    merged: dict[str, Any] = {"protocol": protocol}
+    if config_file:
+        merged.update(load_config_file(config_file, protocol))
+    if values:
+        given = _normalize_keys(values, "options", protocol)
+        merged.update({k: _coerce(k, v) for k, v in given.items()})
+    merged["protocol"] = protocol
+    return ClassifyConfig(**merged).validate()
+
+
+def add_arguments(parser: argparse.ArgumentParser, protocol: str) -> None:
+    """One flag per option of ``protocol``; flags not given stay absent from the namespace
+    (SUPPRESS), so a config file's value is only overridden by a flag the user typed."""
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options (keys are the flag names)")
+    for name in fields_for(protocol):
+        f = _FIELDS[name]
+        flag = "--" + name.replace("_", "-")
+        meta = f.metadata
+        default = _default(name)
+        if "default" in meta["help"] or "recipe" in meta["help"]:
+            help_text = meta["help"]  # says its own default
+        else:
+            help_text = f"{meta['help']} (default: {json.dumps(default) if isinstance(default, dict) else default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif name in ("model_kwargs", "tune_blocks"):
+            parser.add_argument(flag, default=argparse.SUPPRESS, metavar="JSON" if name == "model_kwargs" else "K",
+                                help=help_text)
+        else:
+            kind = meta.get("type") or type(default)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=meta.get("choices"),
+                                help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, protocol: str) -> ClassifyConfig:
+    """The config of a parsed command line (see ``add_arguments``)."""
+    given = {k: v for k, v in vars(args).items() if k in _FIELDS and k != "protocol"}
+    return make_config(protocol, given, getattr(args, "config", None))
