@@ -20,6 +20,7 @@ COMMANDS = (
     "mae_transfer.commands.data",
     "mae_transfer.commands.pretrain",
     "mae_transfer.commands.visualize",
+    "mae_transfer.commands.finetune",
     "mae_transfer.commands.demo",
 )
 
