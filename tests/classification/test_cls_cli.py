@@ -21,16 +21,18 @@ def test_both_commands_are_listed_and_linprobe_has_no_fine_tuning_flags(capsys):
     assert exit_.value.code == 2 and "unrecognized arguments: --mixup" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch, epochs, blr, layer_decay", [
-    ("vit_base_patch16", 100, 5e-4, 0.65),
-    ("vit_large_patch16", 50, 1e-3, 0.75),
-    ("vit_huge_patch14", 50, 1e-3, 0.75),
+@pytest.mark.parametrize("arch, epochs, blr, layer_decay, drop_path", [
+    ("vit_base_patch16", 100, 5e-4, 0.65, 0.1),
+    ("vit_large_patch16", 50, 1e-3, 0.75, 0.2),
+    ("vit_huge_patch14", 50, 1e-3, 0.75, 0.3),
+    ("vit_small_patch16", 100, 5e-4, 0.65, 0.1),
 ])
-def test_fine_tuning_recipe_follows_the_paper_per_architecture(arch, epochs, blr, layer_decay):
+def test_fine_tuning_recipe_follows_the_paper_per_architecture(arch, epochs, blr, layer_decay, drop_path):
     cfg = make_config("finetune", {"data": "d", "output": "o"}).resolve(arch)
-    assert (cfg.epochs, cfg.blr, cfg.layer_decay) == (epochs, blr, layer_decay)
-    assert (cfg.weight_decay, cfg.drop_path, cfg.warmup_epochs, cfg.min_lr, cfg.pool, cfg.img_size) == \
-        (0.05, 0.1, 5, 1e-6, "avg", 224)
+    assert (cfg.epochs, cfg.blr, cfg.layer_decay, cfg.drop_path) == (epochs, blr, layer_decay, drop_path)
+    assert (cfg.weight_decay, cfg.warmup_epochs, cfg.min_lr, cfg.pool, cfg.img_size, cfg.batch_size) == \
+        (0.05, 5, 1e-6, "avg", 224, 64)
+    assert make_config("finetune", {"data": "d", "output": "o", "drop_path": 0.0}).resolve(arch).drop_path == 0.0
     assert (cfg.mixup, cfg.cutmix, cfg.smoothing, cfg.reprob, cfg.aa) == (0.8, 1.0, 0.1, 0.25, "rand-m9-mstd0.5-inc1")
     assert cfg.model == arch and cfg.global_pool
 
