@@ -1,0 +1,158 @@
+"""Datasets in the ADE20K (``ADEChallengeData2016``) layout, checked before any training step.
+
+Layout::
+
+    DATA_ROOT/images/training/*.jpg        DATA_ROOT/annotations/training/*.png
+    DATA_ROOT/images/validation/*.jpg      DATA_ROOT/annotations/validation/*.png
+
+- ``CheckedADE20KDataset``: MMSeg's ``ADE20KDataset`` (150 classes, raw 0 = "other" = ignored).
+- ``ADELayoutDataset``: the same layout with your own classes,
+  ``metainfo=dict(classes=(...), palette=[...])``.
+
+Both check, when the dataset is built (so in training, testing, every process of a distributed
+run, and any script of a user's own), that the image and annotation folders exist, that every
+image has its label map, and that every label map's values lie in the class range: with
+``reduce_zero_label`` (ADE20K) raw 0 = ignore, raw 1..K -> classes 0..K-1, raw 255 = ignore;
+without it 0..K-1 and 255.  A violation raises ``DatasetError`` naming the files and values.
+Doing this in the dataset rather than in the CLI is deliberate: the dataset is the one place that
+knows the final folders, suffixes and label semantics (``reduce_zero_label``, ``label_map``).
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+from mmengine.logging import print_log
+from mmseg.datasets import ADE20KDataset, BaseSegDataset
+from mmseg.registry import DATASETS
+from PIL import Image
+
+IGNORE_INDEX = 255
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message names the folder or file and why."""
+
+
+def label_values(path: str) -> np.ndarray:
+    """The distinct values of a label map (read as MMSeg does: palette indices, unchanged)."""
+    with Image.open(path) as im:
+        if im.mode in ("L", "P"):
+            hist = im.histogram()[:256]
+            return np.flatnonzero(np.asarray(hist))
+        arr = np.asarray(im)
+    if arr.ndim != 2:
+        raise DatasetError(f"{path}: a label map must have one channel, this one has shape {arr.shape} "
+                           f"(mode {im.mode}); save class indices as an 8-bit grayscale or palette PNG")
+    return np.unique(arr)
+
+
+def allowed_raw_values(num_classes: int, reduce_zero_label: bool) -> tuple[int, int]:
+    """(lowest, highest) valid raw class value; 255 (ignore) is always valid besides."""
+    return (0, num_classes) if reduce_zero_label else (0, num_classes - 1)
+
+
+def check_label_maps(
+    paths: Sequence[str], num_classes: int, reduce_zero_label: bool, workers: int | None = None
+) -> None:
+    """Raise ``DatasetError`` naming every file (up to 10) with values outside the class range.
+
+    Args:
+        paths: label-map files.
+        num_classes: K, the number of raw classes the files are written in.
+        reduce_zero_label: raw 0 = ignore and 1..K = the classes (ADE20K); else 0..K-1.
+        workers: reader threads (PNG decoding releases the GIL); default min(8, CPUs).
+    """
+    lo, hi = allowed_raw_values(num_classes, reduce_zero_label)
+
+    def bad_values(path: str) -> tuple[str, list[int]] | None:
+        values = label_values(path)
+        bad = values[((values < lo) | (values > hi)) & (values != IGNORE_INDEX)]
+        return (path, bad.tolist()) if bad.size else None
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = [r for r in pool.map(bad_values, paths) if r is not None]
+    if found:
+        rule = (f"0 (ignore), 1..{num_classes} (classes 0..{num_classes - 1}, reduce_zero_label) or 255 (ignore)"
+                if reduce_zero_label else f"0..{num_classes - 1} (classes) or 255 (ignore)")
+        listed = "; ".join(f"{p}: {v[:10]}" for p, v in found[:10])
+        more = f"; ... ({len(found)} files in all)" if len(found) > 10 else ""
+        raise DatasetError(f"{len(found)} of {len(paths)} label maps have values outside the class range "
+                           f"(allowed: {rule}): {listed}{more}")
+
+
+class _CheckedLayout:
+    """Mixin for ``BaseSegDataset`` subclasses: check folders and label maps in ``load_data_list``."""
+
+    def __init__(self, *args: Any, check_labels: bool = True, **kwargs: Any):
+        self.check_labels = check_labels
+        super().__init__(*args, **kwargs)
+
+    def load_data_list(self) -> list[dict]:
+        img_dir = self.data_prefix.get("img_path")
+        ann_dir = self.data_prefix.get("seg_map_path")
+        name = type(self).__name__
+        for what, folder in (("image", img_dir), ("annotation", ann_dir)):
+            if folder and not osp.isdir(folder):
+                raise DatasetError(
+                    f"{name}: the {what} folder {folder} does not exist (data_root={self.data_root!r}); "
+                    "expected the ADEChallengeData2016 layout: images/{training,validation}/*.jpg and "
+                    "annotations/{training,validation}/*.png")
+        data_list = super().load_data_list()
+        if not data_list:
+            raise DatasetError(f"{name}: no '*{self.img_suffix}' images in {img_dir}")
+        if ann_dir:
+            seg_maps = [d["seg_map_path"] for d in data_list]
+            absent = [p for p in seg_maps if not osp.isfile(p)]
+            if absent:
+                raise DatasetError(f"{name}: {len(absent)} of {len(seg_maps)} images have no label map in "
+                                   f"{ann_dir}: {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}")
+            if self.check_labels:
+                start = time.perf_counter()
+                check_label_maps(seg_maps, self._raw_num_classes(), self.reduce_zero_label)
+                print_log(f"{name}: {len(seg_maps)} label maps in {ann_dir} checked in "
+                          f"{time.perf_counter() - start:.1f} s", logger="current")
+        return data_list
+
+    def _raw_num_classes(self) -> int:
+        """Classes the files are written in: the original ones when a ``label_map`` remaps them."""
+        if self.label_map is not None and self.METAINFO.get("classes"):
+            return len(self.METAINFO["classes"])
+        return len(self._metainfo["classes"])
+
+
+@DATASETS.register_module()
+class CheckedADE20KDataset(_CheckedLayout, ADE20KDataset):
+    """MMSeg's ``ADE20KDataset`` (``reduce_zero_label=True``) with the checks of this module.
+
+    Args:
+        check_labels: read every label map once when the dataset is built (about 20k PNGs for
+            ADE20K training: seconds to a minute, in parallel threads); False skips only the value
+            check, not the folder checks.
+        **kwargs: as ``ADE20KDataset`` (``data_root``, ``data_prefix``, ``pipeline``, ...).
+    """
+
+
+@DATASETS.register_module()
+class ADELayoutDataset(_CheckedLayout, BaseSegDataset):
+    """Any dataset in the ADE20K folder layout, with its own classes.
+
+    Args:
+        metainfo: ``dict(classes=(...), palette=[[r, g, b], ...])``; ``classes`` is required.
+        img_suffix, seg_map_suffix: ``.jpg`` / ``.png`` as in ADE20K.
+        reduce_zero_label: True when raw 0 means "unlabelled" (ADE20K's convention).
+        check_labels: see ``CheckedADE20KDataset``.
+    """
+
+    def __init__(self, metainfo: dict | None = None, img_suffix: str = ".jpg", seg_map_suffix: str = ".png",
+                 reduce_zero_label: bool = True, **kwargs: Any):
+        if not metainfo or not metainfo.get("classes"):
+            raise DatasetError("ADELayoutDataset: give the class names, metainfo=dict(classes=(...))")
+        super().__init__(metainfo=metainfo, img_suffix=img_suffix, seg_map_suffix=seg_map_suffix,
+                         reduce_zero_label=reduce_zero_label, **kwargs)
+
