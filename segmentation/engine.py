@@ -1,0 +1,278 @@
+"""Train, test and infer with MMEngine's ``Runner``: what ``mae-transfer segment`` calls.
+
+The recipe lives in the configs (``segmentation/configs``); these functions only load a config
+(with checked ``--cfg-options``), apply the command-line switches, and run.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import os
+import os.path as osp
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+# keys Runner.from_cfg reads besides Runner.__init__'s arguments
+_RUNNER_EXTRA_KEYS = {"custom_imports", "runner_type", "launcher", "env_cfg", "log_level", "tta_model", "tta_pipeline",
+                      "model_wrapper_cfg", "find_unused_parameters", "sync_bn"}
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config or command-line option that cannot work; the message names the key."""
+
+
+def parse_options(options: Sequence[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=[1,2]"]`` -> ``{"a.b": 1, "c": [1, 2]}``, with MMEngine's value syntax."""
+    if not options:
+        return {}
+    bad = [o for o in options if "=" not in o]
+    if bad:
+        raise ConfigError(f"--cfg-options takes KEY=VALUE pairs, got {bad}")
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--o", nargs="+", action=DictAction)
+    return dict(parser.parse_args(["--o", *options]).o)
+
+
+def known_top_level_keys(cfg: Config) -> set[str]:
+    """The config's own keys and every key the Runner reads."""
+    runner_args = set(inspect.signature(Runner.__init__).parameters) - {"self"}
+    return set(cfg.keys()) | runner_args | _RUNNER_EXTRA_KEYS
+
+
+def load_config(path: str | os.PathLike, options: Sequence[str] | dict[str, Any] | None = None) -> Config:
+    """Load an MMSeg config and merge ``--cfg-options``; an unknown top-level key is an error.
+
+    Args:
+        path: a config file (``_base_`` inheritance and ``custom_imports`` as usual).
+        options: ``KEY=VALUE`` strings or a dict of dotted keys.
+    Raises:
+        ConfigError: a missing file, or an option whose first key neither the config nor the
+            Runner knows (``optim_wraper.x=...``); a typo would otherwise be silently ignored.
+    """
+    import segmentation  # noqa: F401  (registers our modules for configs that do not import them)
+
+    if not osp.isfile(path):
+        raise ConfigError(f"no such config file: {path}")
+    cfg = Config.fromfile(str(path))
+    opts = options if isinstance(options, dict) else parse_options(options)
+    known = known_top_level_keys(cfg)
+    for key in opts:
+        top = key.split(".")[0]
+        if top not in known:
+            close = difflib.get_close_matches(top, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--cfg-options: unknown top-level key {top!r} in {key!r}{hint}")
+    if opts:
+        cfg.merge_from_dict(opts)
+    return cfg
+
+
+def _datasets(cfg: Config) -> list[Any]:
+    found = []
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        ds = (cfg.get(loader) or {}).get("dataset")
+        while ds is not None:  # through wrappers such as RepeatDataset
+            found.append(ds)
+            ds = ds.get("dataset")
+    return found
+
+
+def set_data_root(cfg: Config, root: str | os.PathLike) -> None:
+    """Point every dataset of the config at ``root`` (a folder in the ADEChallengeData2016 layout)."""
+    for ds in _datasets(cfg):
+        if "data_prefix" in ds or "data_root" in ds:
+            ds["data_root"] = str(root)
+
+
+def enable_amp(cfg: Config, dtype: str = "float16") -> None:
+    """Mixed precision through MMEngine's ``AmpOptimWrapper`` (needs a GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--amp needs a GPU (MMEngine's AmpOptimWrapper supports CUDA/NPU/MLU devices only)")
+    cfg.optim_wrapper.type = "AmpOptimWrapper"
+    cfg.optim_wrapper.dtype = dtype
+    if dtype == "float16":
+        cfg.optim_wrapper.loss_scale = "dynamic"
+
+
+def default_launcher() -> str:
+    """``pytorch`` under ``torchrun`` (it sets ``LOCAL_RANK``), else ``none``."""
+    return "pytorch" if "LOCAL_RANK" in os.environ else "none"
+
+
+def prepare(cfg: Config, work_dir: str | None = None, launcher: str | None = None, config_path: str | None = None) -> Config:
+    """Fill ``work_dir`` (default ``work_dirs/<config name>``) and ``launcher``."""
+    if work_dir:
+        cfg.work_dir = work_dir
+    elif not cfg.get("work_dir"):
+        name = osp.splitext(osp.basename(config_path or cfg.filename or "segment"))[0]
+        cfg.work_dir = osp.join("work_dirs", name)
+    cfg.launcher = launcher or default_launcher()
+    return cfg
+
+
+def _sync_bn_to_bn(node: Any) -> int:
+    """Replace ``SyncBN`` norm configs by ``BN`` in place; returns how many."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get("type") == "SyncBN":
+            node["type"] = "BN"
+            count += 1
+        for value in node.values():
+            count += _sync_bn_to_bn(value)
+    elif isinstance(node, (list, tuple)):
+        count += sum(_sync_bn_to_bn(v) for v in node)
+    return count
+
+
+def setup_cpu_distributed(cfg: Config) -> None:
+    """Make ``launcher='pytorch'`` work without GPUs (MMEngine 0.10 assumes CUDA there).
+
+    MMEngine's ``init_dist`` calls ``torch.cuda.set_device`` and its DDP wrapper passes a CUDA
+    ``device_ids``; ``SyncBatchNorm`` needs GPU tensors.  On a CPU-only machine under torchrun we
+    therefore start the ``gloo`` process group ourselves, wrap with ``device_ids=None``, and use
+    per-process ``BN`` (statistics are not synchronized; logged).  GPU runs are untouched.
+    """
+    import torch
+    import torch.distributed as dist
+    from mmengine.logging import print_log
+
+    if cfg.get("launcher", "none") == "none" or torch.cuda.is_available():
+        return
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    cfg.setdefault("model_wrapper_cfg", dict(type="MMDistributedDataParallel", broadcast_buffers=False))
+    cfg.model_wrapper_cfg.setdefault("device_ids", None)
+    if _sync_bn_to_bn(cfg.model):
+        print_log("CPU distributed run: SyncBN replaced by per-process BN (SyncBN needs GPUs)",
+                  logger="current", level=30)
+
+
+def build_runner(cfg: Config) -> Runner:
+    """MMEngine's ``Runner`` (or the config's ``runner_type``), as MMSeg's own ``tools/train.py``."""
+    setup_cpu_distributed(cfg)
+    if "runner_type" in cfg:
+        from mmseg.registry import RUNNERS
+
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
+
+
+def train(cfg: Config, resume: str | bool = False) -> Runner:
+    """Train as the config says.
+
+    Args:
+        cfg: a loaded, prepared config.
+        resume: False, True / ``"auto"`` (latest checkpoint in ``work_dir``), or a checkpoint path.
+    Returns:
+        the runner after training (``runner.iter``, ``runner.model``, ``runner.message_hub``).
+    """
+    if resume:
+        cfg.resume = True
+        if resume not in (True, "auto"):
+            cfg.load_from = str(resume)
+    runner = build_runner(cfg)
+    runner.train()
+    return runner
+
+
+@dataclass
+class TestResult:
+    """Summary metrics (``aAcc``, ``mIoU``, ``mAcc`` in %) and ``{class: {"IoU": %, "Acc": %}}``."""
+
+    metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """The per-class table as plain text."""
+        if not self.per_class:
+            return "(no per-class results: the evaluator is not an IoUMetric)"
+        cols = list(next(iter(self.per_class.values())))
+        width = max(len("class"), *(len(c) for c in self.per_class))
+        lines = [f"{'class':<{width}}  " + "  ".join(f"{c:>7}" for c in cols)]
+        for name, row in self.per_class.items():
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{row[c]:7.2f}" for c in cols))
+        return "\n".join(lines)
+
+
+def test(cfg: Config, checkpoint: str) -> TestResult:
+    """Evaluate a checkpoint on the config's test set.
+
+    A plain ``IoUMetric`` evaluator is run as ``PerClassIoUMetric`` (same arguments) so that the
+    per-class numbers come back, not only into the log.
+    """
+    from segmentation.metrics import PerClassIoUMetric
+
+    if not osp.isfile(checkpoint):
+        raise ConfigError(f"no such checkpoint file: {checkpoint}")
+    evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
+    for ev in evaluators:
+        if ev.get("type") == "IoUMetric":
+            ev["type"] = "PerClassIoUMetric"
+    cfg.load_from = checkpoint
+    cfg.resume = False
+    runner = build_runner(cfg)
+    metrics = runner.test()
+    per_class: dict[str, dict[str, float]] = {}
+    for metric in runner.test_evaluator.metrics:
+        if isinstance(metric, PerClassIoUMetric):
+            per_class = metric.per_class
+    return TestResult(metrics={k: float(v) for k, v in metrics.items()}, per_class=per_class)
+
+
+@dataclass
+class InferResult:
+    """Class index per pixel [H, W] and the share of pixels per predicted class (%)."""
+
+    pred: np.ndarray
+    shares: dict[str, float]
+
+
+def infer(cfg: Config, checkpoint: str, image: str, out: str, device: str | None = None,
+          opacity: float = 0.5) -> InferResult:
+    """Segment one image and write a colour overlay PNG (the dataset palette blended onto it).
+
+    Args:
+        cfg: a loaded config (its ``test_pipeline`` and ``model.test_cfg``, e.g. slide inference).
+        checkpoint: a model checkpoint of ``segment train``.
+        image: the input image file.
+        out: the PNG to write (its folder is created).
+        device: ``cuda:0`` when available, else ``cpu``, by default.
+        opacity: weight of the class colours in the blend.
+    """
+    import mmcv
+    import torch
+    from mmseg.apis import inference_model, init_model
+    from PIL import Image
+
+    from mae_backbone.io import atomic_write
+
+    for what, path in (("checkpoint", checkpoint), ("image", image)):
+        if not osp.isfile(path):
+            raise ConfigError(f"no such {what} file: {path}")
+    if not 0.0 <= opacity <= 1.0:
+        raise ConfigError(f"opacity must be in [0, 1], got {opacity}")
+    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    model = init_model(cfg, checkpoint, device=device)
+    bgr = mmcv.imread(image)  # as MMSeg's pipeline reads it; passed as an array, read once
+    result = inference_model(model, bgr)
+    pred = result.pred_sem_seg.data[0].cpu().numpy().astype(np.int64)
+    classes = list(model.dataset_meta["classes"])
+    palette = np.asarray(model.dataset_meta["palette"], dtype=np.float32).reshape(-1, 3)
+    rgb = bgr[..., ::-1].astype(np.float32)
+    blend = rgb * (1 - opacity) + palette[pred % len(palette)] * opacity
+    overlay = Image.fromarray(np.clip(blend.round(), 0, 255).astype(np.uint8))
+    atomic_write(out, lambda tmp: overlay.save(tmp, format="PNG"))
+    ids, counts = np.unique(pred, return_counts=True)
+    order = np.argsort(-counts)
+    shares = {classes[ids[i]] if ids[i] < len(classes) else str(ids[i]): 100.0 * counts[i] / pred.size
+              for i in order}
+    return InferResult(pred=pred, shares=shares)
