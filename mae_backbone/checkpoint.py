@@ -279,6 +279,8 @@ def load_checkpoint(
     allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
     vit = model.get_submodule(prefix.rstrip(".")) if prefix else model
     target = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    # BatchNorm's step counter is not a weight: torch fills it in when absent and never reports it
+    target = {k: v for k, v in target.items() if not k.endswith("num_batches_tracked") or k in sd}
     old_grid = meta.get("img_size")
     if old_grid is not None and "patch_size" in meta:
         old_grid = [s // meta["patch_size"] for s in old_grid]

@@ -244,3 +244,12 @@ def test_convert_cli_round_trip(tmp_path, fmt, capsys):
     assert all(torch.equal(back[k], sd[k]) for k in set(back) & set(sd))
     if fmt == "hf":
         assert json.loads((out / "config.json").read_text())["num_attention_heads"] == 3
+
+
+def test_batchnorm_step_counters_are_not_missing_weights(tmp_path):
+    """A model with a BatchNorm head loads a checkpoint without one: only the head is missing."""
+    save_checkpoint(_tiny(), tmp_path / "pre.safetensors")
+    model = create_vit("vit_tiny_patch16", depth=2, img_size=32, num_classes=3)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(192, affine=False), torch.nn.Linear(192, 3))
+    report = load_checkpoint(model, tmp_path / "pre.safetensors", allow_missing=["head.*"])
+    assert sorted(report.missing) == ["head.0.running_mean", "head.0.running_var", "head.1.bias", "head.1.weight"]
