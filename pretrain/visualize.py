@@ -14,9 +14,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mae_backbone import CheckpointError, VIT_ARCHS, safe_torch_load
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_rgb
-from pretrain.model import DECODER_DEFAULTS, MAE_ARCHS, MaskedAutoencoderViT
+from mae_backbone import VIT_ARCHS, CheckpointError, atomic_write, safe_torch_load
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_rgb, mix_seed
+from pretrain.masking import mask_noise
+from pretrain.model import DECODER_DEFAULTS, MaskedAutoencoderViT
 from pretrain.state import load_model_strict
 
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -117,6 +118,18 @@ def render_figure(rec: Reconstruction, title: str | None = None, scale: int = 1)
     return canvas
 
 
+def save_figure(fig: Image.Image, rec: Reconstruction, path: str | Path, title: str | None = None) -> Path:
+    """Write the figure as PNG (atomically) with its title and notes in the ``Description`` text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    text = [title] if title else []
+    if rec.denormalized_by_patch:
+        text.append(NORM_PIX_NOTE)
+    info.add_text("Description", "\n".join(text) or "MAE reconstruction")
+    return atomic_write(path, lambda tmp: fig.save(tmp, format="PNG", pnginfo=info))
+
+
 def load_images(paths: Sequence[str | Path], img_size: int) -> torch.Tensor:
     """Files -> [N, 3, S, S] ImageNet-normalized (short side resized to S, center crop)."""
     transform = build_transform("none", img_size)
@@ -197,9 +210,6 @@ def visualize(
     masking: str | None = None,
 ) -> tuple[Path, Reconstruction]:
     """Write the reconstruction figure of ``images`` by ``checkpoint`` to ``output`` (PNG)."""
-    from pretrain.data import mix_seed
-    from pretrain.masking import mask_noise
-
     model, how = load_mae(checkpoint, target)
     if masking:
         model.masking = masking
@@ -207,7 +217,5 @@ def visualize(
     noise = mask_noise(model.masking, model.grid_size, mask_ratio, seeds=[mix_seed(seed, i) for i in range(len(imgs))])
     rec = reconstruct(model, imgs, mask_ratio, noise)
     title = f"{Path(checkpoint).name}: mask {mask_ratio:g} ({model.masking}), {how}, loss {rec.loss:.4f}"
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    render_figure(rec, title, scale=max(1, 192 // model.img_size[0])).save(out)
+    out = save_figure(render_figure(rec, title, scale=max(1, 192 // model.img_size[0])), rec, output, title)
     return out, rec
