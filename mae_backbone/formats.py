@@ -59,7 +59,7 @@ def write_timm(sd: StateDict, meta: dict[str, Any]) -> Any:
 
 def read_mae(obj: Any, notes: Notes) -> StateDict:
     sd = _tensors(obj["model"], "official MAE/DeiT checkpoint['model']")
-    sd = _drop(sd, r"^(decoder_|mask_token)", "MAE decoder", notes)
+    sd = _drop(sd, r"^(decoder_|mask_token|encoder_mask_token)", "MAE decoder / mask token", notes)
     if "dist_token" in sd:  # DeiT distilled: two prefix tokens; keep the class token's slot only
         pe = sd["pos_embed"]
         sd["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
