@@ -29,6 +29,10 @@ def _scalars(work_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _palette(work_dir: Path) -> list:
+    return torch.load(work_dir / f"iter_{MAX_ITERS}.pth", weights_only=True)["meta"]["dataset_meta"]["palette"]
+
+
 @pytest.fixture(scope="session")
 def trained(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work_dir = tmp_path_factory.mktemp("segment_train")
@@ -112,15 +116,11 @@ def test_infer_writes_a_colour_overlay(trained, tiny_config, ade_root, tmp_path,
                    str(tmp_path / "again.png"), device="cpu", opacity=0.5)
     overlay = np.asarray(Image.open(out))
     rgb = mmcv.imread(str(image))[..., ::-1].astype(np.float32)
-    palette = np.asarray(load_palette(trained), np.float32)
+    palette = np.asarray(_palette(trained), np.float32)
     assert overlay.shape == (64, 96, 3) and result.pred.shape == (64, 96)
     assert set(np.unique(result.pred)) <= {0, 1, 2} and (result.pred == 0).mean() > 0.3  # mostly background
     np.testing.assert_allclose(overlay, np.clip((rgb * 0.5 + palette[result.pred] * 0.5).round(), 0, 255), atol=1)
     assert abs(sum(result.shares.values()) - 100) < 1e-6
-
-
-def load_palette(trained: Path) -> list:
-    return torch.load(trained / f"iter_{MAX_ITERS}.pth", weights_only=True)["meta"]["dataset_meta"]["palette"]
 
 
 # --------------------------------------------------------------------------- refusals and errors
