@@ -1,0 +1,204 @@
+"""Datasets by name, the Detectron2 way, with errors that say which path and what was expected.
+
+- COCO 2017 (``coco_2017_train`` / ``coco_2017_val``): Detectron2 registers these names itself,
+  under ``$DETECTRON2_DATASETS/coco/{annotations/instances_*2017.json, train2017/, val2017/}``
+  (default ``./datasets``); ``check_dataset`` verifies the files are there before training.
+- any COCO-format json + image folder: ``register_coco_dataset(name, json, image_root)``
+  validates both, then registers them with Detectron2's ``register_coco_instances``.
+- evaluation: ``build_coco_evaluator`` is ``COCOEvaluator`` with pycocotools' own evaluation when
+  Detectron2's C++ ops (its fast COCOeval) are not installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.evaluation import COCOEvaluator
+
+IMAGE_FIELDS = ("id", "file_name", "height", "width")
+ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox")
+CATEGORY_FIELDS = ("id", "name")
+
+
+class DatasetError(ValueError):
+    """A dataset that is missing or malformed; the message names the path and what was expected."""
+
+
+def _problems_text(path: Path, problems: list[str]) -> str:
+    shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems in all)" if len(problems) > 5 else "")
+    return f"{path}: not a usable COCO instances file: {shown}"
+
+
+def validate_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLike) -> dict[str, Any]:
+    """Check a COCO instances json and its image folder; return a short summary.
+
+    Checks: both paths exist; the json parses and has ``images``, ``annotations`` and
+    ``categories`` lists; each image has ``id, file_name, height, width`` and its file exists
+    under ``image_root``; each annotation has ``id, image_id, category_id, bbox`` with a known
+    image and category, a 4-number bbox and, when present, a ``segmentation`` that is a list of
+    polygons (>= 3 points each) or an RLE dict.
+
+    Returns:
+        ``{"images": n, "annotations": n, "thing_classes": [names in category-id order]}``.
+    Raises:
+        DatasetError: naming the path and the first problems found.
+    """
+    json_file, image_root = Path(json_file), Path(image_root)
+    if not json_file.is_file():
+        raise DatasetError(f"{json_file}: no such annotation file (expected a COCO instances .json)")
+    if not image_root.is_dir():
+        raise DatasetError(f"{image_root}: no such image folder (expected the folder the json's file_name entries are relative to)")
+    try:
+        data = json.loads(json_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{json_file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{json_file}: expected a JSON object with images, annotations and categories")
+    absent = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if absent:
+        raise DatasetError(f"{json_file}: expected lists 'images', 'annotations' and 'categories'; "
+                           f"missing or not a list: {', '.join(absent)}")
+    problems: list[str] = []
+    cats = {}
+    for i, c in enumerate(data["categories"]):
+        lacking = [f for f in CATEGORY_FIELDS if f not in c]
+        if lacking:
+            problems.append(f"categories[{i}] lacks {', '.join(lacking)}")
+        else:
+            cats[c["id"]] = c["name"]
+    if not data["categories"]:
+        problems.append("'categories' is empty")
+    images = {}
+    missing_files = []
+    for i, im in enumerate(data["images"]):
+        lacking = [f for f in IMAGE_FIELDS if f not in im]
+        if lacking:
+            problems.append(f"images[{i}] lacks {', '.join(lacking)}")
+            continue
+        images[im["id"]] = im
+        if not (image_root / im["file_name"]).is_file():
+            missing_files.append(im["file_name"])
+    if missing_files:
+        problems.append(f"{len(missing_files)} image files not found under {image_root} "
+                        f"(e.g. {', '.join(missing_files[:3])})")
+    for i, a in enumerate(data["annotations"]):
+        lacking = [f for f in ANNOTATION_FIELDS if f not in a]
+        if lacking:
+            problems.append(f"annotations[{i}] lacks {', '.join(lacking)}")
+            continue
+        if a["image_id"] not in images:
+            problems.append(f"annotations[{i}] refers to image_id {a['image_id']}, which is not in 'images'")
+        if a["category_id"] not in cats:
+            problems.append(f"annotations[{i}] has category_id {a['category_id']}, which is not in 'categories'")
+        box = a["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            problems.append(f"annotations[{i}].bbox must be [x, y, width, height], got {box!r}")
+        seg = a.get("segmentation")
+        if seg is not None and not _valid_segmentation(seg):
+            problems.append(f"annotations[{i}].segmentation must be polygons [[x1, y1, x2, y2, x3, y3, ...], ...] "
+                            "or an RLE dict with 'counts' and 'size'")
+    if problems:
+        raise DatasetError(_problems_text(json_file, problems))
+    return {"images": len(images), "annotations": len(data["annotations"]),
+            "thing_classes": [cats[k] for k in sorted(cats)]}
+
+
+def _valid_segmentation(seg: Any) -> bool:
+    if isinstance(seg, dict):
+        return "counts" in seg and "size" in seg
+    return isinstance(seg, list) and all(
+        isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(isinstance(v, (int, float)) for v in p)
+        for p in seg)
+
+
+def register_coco_dataset(name: str, json_file: str | os.PathLike, image_root: str | os.PathLike) -> dict[str, Any]:
+    """Validate a COCO-format dataset and register it in Detectron2's catalogs under ``name``.
+
+    After this, ``name`` works wherever Detectron2 takes a dataset name (config
+    ``dataloader.train.dataset.names`` / ``DATASETS.TRAIN``, ``COCOEvaluator``), and its metadata
+    carries ``thing_classes`` (for drawing). Registering the same name again with the same files
+    is a no-op; with other files it is an error.
+
+    Returns:
+        the summary of ``validate_coco_json``.
+    """
+    summary = validate_coco_json(json_file, image_root)
+    json_file, image_root = str(Path(json_file).resolve()), str(Path(image_root).resolve())
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if (meta.get("json_file"), meta.get("image_root")) == (json_file, image_root):
+            return summary
+        raise DatasetError(f"dataset name {name!r} is already registered with {meta.get('json_file')} and "
+                           f"{meta.get('image_root')}; pick another name")
+    register_coco_instances(name, {"thing_classes": summary["thing_classes"]}, json_file, image_root)
+    return summary
+
+
+def _names(names: str | Iterable[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+def check_dataset(names: str | Iterable[str]) -> None:
+    """Before training or evaluation: each name is registered and its files exist.
+
+    Raises:
+        DatasetError: an unknown name (with how to register one), or a registered name whose json
+            or image folder is missing (with the path, and ``DETECTRON2_DATASETS`` for builtins).
+    """
+    for name in _names(names):
+        if name not in DatasetCatalog.list():
+            known = sorted(n for n in DatasetCatalog.list() if n.startswith("coco_2017"))
+            raise DatasetError(
+                f"dataset {name!r} is not registered: register a COCO-format json and image folder with "
+                f"--register-coco {name} JSON IMAGE_DIR (or detection.register_coco_dataset), or use a "
+                f"Detectron2 builtin name ({', '.join(known)}, ...)")
+        meta = MetadataCatalog.get(name)
+        json_file, image_root = meta.get("json_file"), meta.get("image_root")
+        where = os.environ.get("DETECTRON2_DATASETS")
+        hint = (f"; Detectron2 looks for its builtin datasets under $DETECTRON2_DATASETS "
+                f"({'now ' + repr(where) if where else 'unset, so ./datasets'}), e.g. coco/annotations/"
+                "instances_train2017.json and coco/train2017/")
+        if json_file and not Path(json_file).is_file():
+            raise DatasetError(f"dataset {name!r}: annotation file {json_file} not found "
+                               f"(expected a COCO instances .json){hint}")
+        if image_root and not Path(image_root).is_dir():
+            raise DatasetError(f"dataset {name!r}: image folder {image_root} not found{hint}")
+
+
+def dataset_num_classes(name: str) -> int | None:
+    """Number of thing classes in a registered dataset's metadata (None when unknown)."""
+    classes = MetadataCatalog.get(name).get("thing_classes")
+    return len(classes) if classes is not None else None
+
+
+def has_fast_coco_eval() -> bool:
+    """Whether Detectron2's compiled ops (and so its fast COCOeval) are installed."""
+    try:
+        from detectron2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        from detectron2.evaluation.fast_eval_api import COCOeval_opt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_coco_evaluator(dataset_name: str | Iterable[str], output_dir: str | None = None,
+                         use_fast_impl: bool | None = None, **kwargs: Any) -> COCOEvaluator:
+    """``COCOEvaluator`` (box and mask AP through pycocotools) that works without Detectron2's C++ ops.
+
+    Args:
+        dataset_name: a registered dataset (a one-element list is accepted, as configs often hold).
+        output_dir: where predictions and results are written (None: not written).
+        use_fast_impl: None picks Detectron2's fast COCOeval only when its ops are installed.
+    """
+    names = _names(dataset_name)
+    if len(names) != 1:
+        raise ValueError(f"COCO evaluation takes one dataset at a time, got {names}")
+    fast = has_fast_coco_eval() if use_fast_impl is None else use_fast_impl
+    return COCOEvaluator(names[0], output_dir=output_dir, use_fast_impl=fast, **kwargs)
