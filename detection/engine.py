@@ -1,0 +1,346 @@
+"""Train, evaluate and infer with Detectron2's own machinery, for LazyConfig and yacs configs alike.
+
+LazyConfig (``.py``, the recipes): ``do_train`` is Detectron2's ``lazyconfig_train_net`` loop:
+``SimpleTrainer`` / ``AMPTrainer``, DDP through ``create_ddp_model``, hooks for the LR schedule,
+periodic checkpoints, periodic COCO evaluation and writers (console with ETA, TensorBoard,
+``metrics.json``), resume through the checkpointer. yacs (``.yaml``): ``ViTTrainer``, a
+``DefaultTrainer`` with our optimizer, evaluator and safe checkpointer.
+
+Both paths load detector weights with ``SafeDetectionCheckpointer`` and check datasets, class
+counts, device and AMP before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode, instantiate
+from detectron2.data import MetadataCatalog
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.structures import Instances
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from omegaconf import DictConfig, ListConfig
+from torch import nn
+
+from detection.backbone import SimpleFeaturePyramid, ViTMultiScale
+from detection.checkpoint import SafeDetectionCheckpointer
+from detection.config import ConfigError, get_config_file, is_lazy, load_config
+from detection.data import build_coco_evaluator, check_dataset, dataset_num_classes, register_coco_dataset
+from detection.optim import get_vit_param_groups
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    """What the ``detect`` commands pass down (picklable, for Detectron2's ``launch``)."""
+
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    output: str | None = None
+    resume: bool = False
+    trust_pickle: bool = False
+    register: list[tuple[str, str, str]] = field(default_factory=list)  # (name, json, image_root)
+    weights: str | None = None
+
+
+# --------------------------------------------------------------------------- config access
+def _get(cfg: Any, lazy_key: str, yacs_key: str) -> Any:
+    node = cfg
+    for part in (lazy_key if is_lazy(cfg) else yacs_key).split("."):
+        node = node[part] if isinstance(node, (DictConfig, dict)) else getattr(node, part)
+    return node
+
+
+def _set(cfg: Any, lazy_key: str, yacs_key: str, value: Any) -> None:
+    key = lazy_key if is_lazy(cfg) else yacs_key
+    parent, _, leaf = key.rpartition(".")
+    node = _get(cfg, parent, parent) if parent else cfg
+    if isinstance(cfg, CfgNode):
+        cfg.defrost()
+        setattr(node, leaf, value)
+    else:
+        node[leaf] = value
+
+
+def output_dir(cfg: Any) -> str:
+    return _get(cfg, "train.output_dir", "OUTPUT_DIR")
+
+
+def _names(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def dataset_names(cfg: Any, split: str) -> list[str]:
+    """The dataset names a config trains (``split="train"``) or tests on."""
+    if is_lazy(cfg):
+        loader = cfg.dataloader.get(split)
+        return _names(loader.dataset.names) if loader is not None else []
+    return list(cfg.DATASETS.TRAIN if split == "train" else cfg.DATASETS.TEST)
+
+
+def _num_classes(cfg: Any) -> int | None:
+    if is_lazy(cfg):
+        heads = cfg.model.get("roi_heads")
+        return heads.get("num_classes") if heads is not None else None
+    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def check_config(cfg: Any, splits: Sequence[str] = ("train", "test")) -> None:
+    """Fail early: datasets registered and on disk, class counts matching the model's.
+
+    Also picks the device: a config asking for CUDA on a machine without it runs on the CPU
+    (with a warning), and AMP, which Detectron2's ``AMPTrainer`` only does on CUDA, is turned off
+    there (with a warning).
+    """
+    for split in splits:
+        names = dataset_names(cfg, split)
+        check_dataset(names)
+        model_classes = _num_classes(cfg)
+        for name in names:
+            n = dataset_num_classes(name)
+            if model_classes is not None and n is not None and n != model_classes:
+                key = "model.roi_heads.num_classes" if is_lazy(cfg) else "MODEL.ROI_HEADS.NUM_CLASSES"
+                raise ConfigError(f"dataset {name!r} has {n} classes but the model predicts {model_classes}: "
+                                 f"add {key}={n}")
+    device = str(_get(cfg, "train.device", "MODEL.DEVICE"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("the config asks for %s but CUDA is not available: running on the CPU", device)
+        _set(cfg, "train.device", "MODEL.DEVICE", "cpu")
+    if _get(cfg, "train.amp.enabled", "SOLVER.AMP.ENABLED") and not torch.cuda.is_available():
+        logger.warning("AMP is on in the config, but Detectron2's AMPTrainer needs CUDA: training in fp32")
+        _set(cfg, "train.amp.enabled", "SOLVER.AMP.ENABLED", False)
+
+
+def setup(opts: RunOptions, eval_only: bool = False) -> Any:
+    """Register datasets, load the config with overrides, set up the output folder and logs."""
+    for name, json_file, image_root in opts.register:
+        register_coco_dataset(name, json_file, image_root)
+    cfg = load_config(opts.config, opts.overrides)
+    if opts.output:
+        _set(cfg, "train.output_dir", "OUTPUT_DIR", opts.output)
+    args = argparse.Namespace(config_file=str(get_config_file(opts.config)), opts=list(opts.overrides),
+                              eval_only=eval_only, resume=opts.resume)
+    default_setup(cfg, args)
+    setup_logger(output_dir(cfg), distributed_rank=comm.get_rank(), name="detection", abbrev_name="det")
+    return cfg
+
+
+# --------------------------------------------------------------------------- models
+def _is_ours(target: Any) -> bool:
+    names = {f"{c.__module__}.{c.__qualname__}" for c in (SimpleFeaturePyramid, ViTMultiScale)}
+    return target in (SimpleFeaturePyramid, ViTMultiScale) or target in names
+
+
+def skip_pretrained(cfg: Any) -> None:
+    """Stop the backbone loading its encoder checkpoint: detector weights are about to replace it."""
+    if not is_lazy(cfg):
+        if cfg.MODEL.VIT.PRETRAINED:
+            logger.info("not loading MODEL.VIT.PRETRAINED: the detector weights replace it")
+        cfg.defrost()
+        cfg.MODEL.VIT.PRETRAINED = ""
+        return
+
+    def visit(node: Any) -> None:
+        if isinstance(node, DictConfig):
+            if "pretrained" in node and _is_ours(node.get("_target_")):
+                if node.pretrained:
+                    logger.info("not loading %s: the detector weights replace it", node.pretrained)
+                node.pretrained = ""
+            for key in node.keys():
+                visit(node._get_node(key))
+        elif isinstance(node, ListConfig):
+            for i in range(len(node)):
+                visit(node._get_node(i))
+
+    visit(cfg.model)
+
+
+def build_model(cfg: Any) -> nn.Module:
+    """The detector a config describes, on its device (weights: initialization + ``pretrained``)."""
+    if is_lazy(cfg):
+        return instantiate(cfg.model).to(cfg.train.device)
+    return ViTTrainer.build_model(cfg)
+
+
+def load_trained_model(cfg: Any, weights: str | None, trust_pickle: bool = False) -> nn.Module:
+    """A detector in eval mode with trained weights (``weights``, else the config's own)."""
+    weights = weights or _get(cfg, "train.init_checkpoint", "MODEL.WEIGHTS")
+    if not weights:
+        raise ConfigError("no detector weights to evaluate: pass --weights PATH (e.g. OUTPUT/model_final.pth)")
+    skip_pretrained(cfg)
+    model = build_model(cfg)
+    SafeDetectionCheckpointer(model, trust_pickle=trust_pickle).load(weights)
+    return model.eval()
+
+
+def build_vit_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """yacs: ``SOLVER.OPTIMIZER`` (``ADAMW`` / ``SGD``) over layer-decayed groups (``MODEL.VIT.LAYER_DECAY``)."""
+    s = cfg.SOLVER
+    groups = get_vit_param_groups(model, s.BASE_LR, s.WEIGHT_DECAY, cfg.MODEL.VIT.LAYER_DECAY)
+    kind = s.OPTIMIZER.upper()
+    if kind == "ADAMW":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=s.BASE_LR, betas=(0.9, 0.999),
+                                                       weight_decay=s.WEIGHT_DECAY)
+    elif kind == "SGD":
+        opt = torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV)
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, not {s.OPTIMIZER!r}")
+    return maybe_add_gradient_clipping(cfg, opt)
+
+
+class ViTTrainer(DefaultTrainer):
+    """``DefaultTrainer`` for yacs configs using ``build_mae_vit_backbone``.
+
+    Differences: AdamW with layer-wise lr decay (``build_vit_optimizer``), ``COCOEvaluator`` that
+    works without Detectron2's C++ ops, and ``SafeDetectionCheckpointer`` for resume and weights.
+    """
+
+    def __init__(self, cfg: CfgNode, trust_pickle: bool = False):
+        self._trust_pickle = trust_pickle  # read by build_hooks, which DefaultTrainer.__init__ calls
+        super().__init__(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        return build_vit_optimizer(cfg, model)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        return build_coco_evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
+
+    def build_hooks(self) -> list:
+        self.checkpointer = SafeDetectionCheckpointer.replacing(self.checkpointer, self._trust_pickle)
+        return super().build_hooks()
+
+
+# --------------------------------------------------------------------------- LazyConfig loop
+def do_test(cfg: Any, model: nn.Module) -> dict[str, Any]:
+    """COCO evaluation of ``model`` on the config's test set: ``{"bbox": {"AP": ...}, "segm": {...}}``."""
+    if not is_lazy(cfg):
+        return ViTTrainer.test(cfg, model)
+    evaluator = instantiate(cfg.dataloader.evaluator)
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def do_train(cfg: DictConfig, resume: bool = False, trust_pickle: bool = False) -> SimpleTrainer:
+    """Detectron2's LazyConfig training loop; returns the finished trainer (its ``storage`` holds
+    the metric history)."""
+    model = instantiate(cfg.model).to(cfg.train.device)
+    logger.info("model:\n%s", model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trust_pickle=trust_pickle, trainer=trainer)
+    main = comm.is_main_process()
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                             period=cfg.train.log_period) if main else None,
+    ])
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    return trainer
+
+
+# --------------------------------------------------------------------------- entry points
+def train_main(opts: RunOptions) -> Any:
+    """``detect train`` in one process (Detectron2's ``launch`` runs it once per GPU)."""
+    cfg = setup(opts)
+    check_config(cfg)
+    if is_lazy(cfg):
+        return do_train(cfg, resume=opts.resume, trust_pickle=opts.trust_pickle)
+    trainer = ViTTrainer(cfg, trust_pickle=opts.trust_pickle)
+    trainer.resume_or_load(resume=opts.resume)
+    return trainer.train()
+
+
+def eval_main(opts: RunOptions) -> dict[str, Any]:
+    """``detect eval``: COCO AP of trained weights; also written to ``OUTPUT/eval_results.json``."""
+    cfg = setup(opts, eval_only=True)
+    check_config(cfg, splits=("test",))
+    model = load_trained_model(cfg, opts.weights, opts.trust_pickle)
+    results = do_test(cfg, create_ddp_model(model))
+    if comm.is_main_process():
+        path = Path(output_dir(cfg)) / "eval_results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=float))
+        logger.info("evaluation results written to %s", path)
+    return results
+
+
+def test_time_augmentations(cfg: Any) -> list[T.Augmentation]:
+    """The resizing the config applies to test images."""
+    if is_lazy(cfg):
+        return list(instantiate(cfg.dataloader.test.mapper.augmentations))
+    return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+
+
+def predict(model: nn.Module, image: np.ndarray, augmentations: Sequence[T.Augmentation]) -> Instances:
+    """Run a detector on one image.
+
+    Args:
+        model: a Detectron2 detector in eval mode.
+        image: [H, W, 3] uint8 in ``model.input_format`` (RGB or BGR).
+        augmentations: test-time resizing (``test_time_augmentations``).
+    Returns:
+        ``Instances`` in the original image's coordinates, on the CPU.
+    """
+    h, w = image.shape[:2]
+    aug_input = T.AugInput(image)
+    T.AugmentationList(list(augmentations))(aug_input)
+    tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)).astype("float32"))
+    with torch.no_grad():
+        return model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
+
+
+def draw(image_rgb: np.ndarray, instances: Instances, metadata: Any, out: str | os.PathLike) -> Path:
+    """Boxes, masks, classes and scores drawn with Detectron2's ``Visualizer``, saved as an image."""
+    vis = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    vis.draw_instance_predictions(instances).save(str(out))
+    return out
+
+
+def infer_main(opts: RunOptions, image: str, out: str, threshold: float = 0.5,
+               dataset: str | None = None) -> Instances:
+    """``detect infer``: detect on one image and draw the result to ``out``."""
+    if not Path(image).is_file():
+        raise FileNotFoundError(f"{image}: no such image")
+    for name, json_file, image_root in opts.register:
+        register_coco_dataset(name, json_file, image_root)
+    cfg = load_config(opts.config, opts.overrides)
+    check_config(cfg, splits=())
+    model = load_trained_model(cfg, opts.weights, opts.trust_pickle)
+    fmt = getattr(model, "input_format", "RGB")
+    pixels = detection_utils.read_image(image, format=fmt)
+    instances = predict(model, pixels, test_time_augmentations(cfg))
+    instances = instances[instances.scores >= threshold]
+    names = [dataset] if dataset else dataset_names(cfg, "test")
+    metadata = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
+    rgb = pixels[:, :, ::-1] if fmt == "BGR" else pixels
+    draw(rgb, instances, metadata, out)
+    return instances
