@@ -118,10 +118,13 @@ def stage_partial(ctx: DemoContext) -> None:
 
 
 def _encoder(ctx: DemoContext) -> Path:
-    enc = ctx.artefacts.get("encoder")
-    if enc is None:
-        raise RuntimeError("no pretrained encoder (the pretrain stage did not finish)")
-    return enc
+    """The encoder of this run's pretrain stage, or of an earlier run in the same folder (--only)."""
+    from pretrain import ENCODER_NAME
+
+    enc = ctx.artefacts.get("encoder") or ctx.out / "pretrain" / ENCODER_NAME
+    if not Path(enc).is_file():
+        raise RuntimeError(f"no pretrained encoder at {enc} (the pretrain stage did not finish)")
+    return Path(enc)
 
 
 STAGES: dict[str, tuple[str, Callable[[DemoContext], None], float]] = {
