@@ -34,7 +34,7 @@ def one_case(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-    from detection import SimpleFeaturePyramid
+    from detection.backbone import SimpleFeaturePyramid
     from mae_backbone import create_vit
 
     if args.threads:

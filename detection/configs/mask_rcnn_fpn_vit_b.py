@@ -9,7 +9,8 @@ from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from detection import LayerNorm2d, ViTMultiScale
+from detection.backbone import ViTMultiScale
+from detection.layers import LayerNorm2d
 
 from .mask_rcnn_vitdet_b_100ep import dataloader, lr_multiplier, model, optimizer, train
 

@@ -14,7 +14,8 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNOutputLayers
 
-from detection import LayerNorm2d, SimpleFeaturePyramid
+from detection.backbone import SimpleFeaturePyramid
+from detection.layers import LayerNorm2d
 from mae_backbone import create_vit
 
 mask_rcnn_vitdet = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model

@@ -8,7 +8,7 @@ from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig
 from detectron2.layers import ShapeSpec
 
-from detection import get_config_file
+from detection.config import get_config_file
 from detection.transforms import FixedSizeCrop
 
 _base = LazyConfig.load(str(get_config_file("mask_rcnn_vitdet_b_100ep")))
