@@ -105,9 +105,10 @@ def _resampler(dim: int, scale: float, norm: NormSpec, keep_channels: bool) -> t
         return [nn.ConvTranspose2d(dim, half, 2, stride=2)], half
     if scale == 1.0:
         return [], dim
-    if scale == 0.5:
-        return [nn.MaxPool2d(kernel_size=2, stride=2)], dim
-    raise ValueError(f"scale factor {scale} is not supported (use 4.0, 2.0, 1.0 or 0.5)")
+    if scale in (0.5, 0.25):  # 0.25: a patch-8 ViT's map down to stride 32
+        k = int(round(1 / scale))
+        return [nn.MaxPool2d(kernel_size=k, stride=k)], dim
+    raise ValueError(f"scale factor {scale} is not supported (use 4.0, 2.0, 1.0, 0.5 or 0.25)")
 
 
 class SimpleFeaturePyramid(Backbone):

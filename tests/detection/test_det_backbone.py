@@ -47,6 +47,16 @@ def test_simple_pyramid_feature_names_shapes_and_strides(hw, square_pad):
     _check(out, spec, ["p2", "p3", "p4", "p5", "p6"], 256, hw, 2)
 
 
+def test_patch_8_vit_reaches_the_same_levels_with_scale_factors_2_to_quarter():
+    vit = create_vit("vit_tiny_patch16", depth=2, img_size=64, patch_size=8, pos_embed_learnable=True, dense_cls=False)
+    backbone = SimpleFeaturePyramid(vit, scale_factors=(2.0, 1.0, 0.5, 0.25), top_block=LastLevelMaxPool()).eval()
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 64, 96))
+    spec = backbone.output_shape()
+    assert {k: s.stride for k, s in spec.items()} == {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+    _check(out, spec, ["p2", "p3", "p4", "p5", "p6"], 256, (64, 96), 1)
+
+
 @pytest.mark.parametrize("hw, square_pad", [((64, 64), 0), ((64, 128), 128)])
 def test_fpn_variant_feature_names_shapes_and_strides(hw, square_pad):
     backbone = fpn_variant(square_pad).eval()
