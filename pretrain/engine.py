@@ -1,9 +1,14 @@
-"""One pretraining epoch: mixed precision, gradient accumulation, non-finite loss handling.
+"""One training epoch, shared by pretraining and classification: mixed precision, gradient
+accumulation, non-finite loss handling.
 
 Each optimizer step takes ``accum_iter`` micro-batches.  After each micro-batch's forward, the
 processes agree (one small all-reduce) on whether every loss was finite; if not, the step is
 skipped everywhere (no backward, gradients dropped, no optimizer update), counted, and the run
 stops after ``max_nonfinite`` such steps in a row.  The schedule position advances either way.
+
+What differs between the tasks (the learning-rate schedule, how a micro-batch becomes a loss,
+what follows a good step) comes from the ``setup`` (a ``StepRecipe``): ``StepSetup`` here for
+the MAE, ``classification.engine.StepSetup`` for a classifier.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -24,6 +29,9 @@ from pretrain.monitor import Monitor
 from pretrain.optim import set_lr
 
 logger = logging.getLogger(__name__)
+
+# (images in the micro-batch, a function that forwards them and returns their mean loss)
+MicroBatch = tuple[int, Callable[[], torch.Tensor]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,9 +70,49 @@ class EpochStats:
         return self.loss_sum / self.good_steps if self.good_steps else float("nan")
 
 
+class StepRecipe(Protocol):
+    """What a task gives ``train_one_epoch`` besides the model, the data and the optimizer."""
+
+    accum_iter: int
+    clip_grad: float | None
+    max_nonfinite: int
+    log_every: int
+    epochs: int
+    diverged_hint: ClassVar[str]  # what to try when the loss keeps being non-finite
+
+    def apply_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Put the schedule's learning rate for optimizer step ``step`` in place; return it (for logs)."""
+        ...
+
+    def micro_batch(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> MicroBatch:
+        """The images ``batch`` holds and its loss function (called only when there is an image,
+        under DDP's ``no_sync`` for all but the last micro-batch of a step)."""
+        ...
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after the optimizer took step ``step`` (not after a skipped one)."""
+        ...
+
+
+def amp_autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` to ``dtype``; disabled (fp32) when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def note_failures(batch: dict[str, Any], stats: EpochStats, seen: set[str]) -> None:
+    """Count the batch's unreadable files in ``stats``; warn once per file (``seen``), keep up to 100."""
+    for msg in batch["failures"]:
+        stats.skipped_images += 1
+        if msg not in seen:
+            seen.add(msg)
+            logger.warning("skipped an unreadable image: %s", msg)
+            if len(stats.failures) < 100:
+                stats.failures.append(msg)
+
+
 @dataclass
 class StepSetup:
-    """What the loop needs besides the model and the data."""
+    """The MAE's ``StepRecipe``: masked-patch reconstruction loss, cosine schedule via ``lr_at``."""
 
     mask_ratio: float
     masking: str
@@ -76,6 +124,28 @@ class StepSetup:
     max_nonfinite: int
     log_every: int
     epochs: int
+    diverged_hint: ClassVar[str] = "Try a lower --blr, --clip-grad 3.0, or --precision bf16/fp32 instead of fp16."
+
+    def apply_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        set_lr(optimizer, lr)
+        return lr
+
+    def micro_batch(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> MicroBatch:
+        """``batch`` from ``pretrain.data.collate``; each image's mask comes from its seed."""
+
+        def loss() -> torch.Tensor:
+            imgs = batch["images"].to(device, non_blocking=True)
+            seeds = [mix_seed(int(s), 1) for s in batch["seeds"]]
+            noise = mask_noise(self.masking, self.grid, self.mask_ratio, seeds=seeds, device=device)
+            with amp_autocast(device, self.amp_dtype):
+                value, _, _ = model(imgs, self.mask_ratio, noise=noise)
+            return value
+
+        return len(batch["seeds"]), loss
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
 
 
 def train_one_epoch(
@@ -84,7 +154,7 @@ def train_one_epoch(
     steps: int,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    setup: StepSetup,
+    setup: StepRecipe,
     counters: Counters,
     epoch: int,
     info: DistInfo,
@@ -94,8 +164,10 @@ def train_one_epoch(
     """Train ``steps`` optimizer steps from ``loader`` (``steps * accum_iter`` micro-batches).
 
     Args:
-        model: the MAE, wrapped in DDP when distributed.
-        loader: micro-batches from ``pretrain.data.collate``.
+        model: the MAE or the classifier, wrapped in DDP when distributed; ``model.train()`` is
+            called (a classifier keeps its frozen modules in eval mode).
+        loader: micro-batches (dicts with a ``failures`` list) that ``setup.micro_batch`` reads.
+        setup: the task's part (``StepSetup`` here or ``classification.engine.StepSetup``).
         counters: updated in place (schedule position, non-finite and skip counts).
         seen_failures: unreadable files already warned about (each is warned about once).
     Raises:
@@ -109,25 +181,16 @@ def train_one_epoch(
     data = iter(loader)
     bar = monitor.bar(steps, f"epoch {epoch + 1}/{setup.epochs}")
     start = time.perf_counter()
-    autocast = torch.autocast(device.type, dtype=setup.amp_dtype or torch.float32, enabled=setup.amp_dtype is not None)
     try:
         for _ in range(steps):
-            lr = setup.lr_at(counters.step)
-            set_lr(optimizer, lr)
+            lr = setup.apply_lr(optimizer, counters.step)
             ok, empty, step_loss = True, False, 0.0
             for micro in range(setup.accum_iter):
                 batch = next(data)
-                for msg in batch["failures"]:
-                    stats.skipped_images += 1
-                    if msg not in seen:
-                        seen.add(msg)
-                        logger.warning("skipped an unreadable image: %s", msg)
-                        if len(stats.failures) < 100:
-                            stats.failures.append(msg)
+                note_failures(batch, stats, seen)
                 if not ok:
                     continue  # this step is already skipped; drain its micro-batches
-                imgs = batch["images"]
-                n = len(batch["seeds"])
+                n, compute_loss = setup.micro_batch(model, batch, device)
                 stats.images += n
                 sync = micro == setup.accum_iter - 1
                 no_sync = getattr(model, "no_sync", None)
@@ -136,11 +199,7 @@ def train_one_epoch(
                     loss = None
                     local = [0.0, 1.0, 0.0]  # [non-finite, empty, loss]
                     if n > 0:
-                        imgs = imgs.to(device, non_blocking=True)
-                        seeds = [mix_seed(int(s), 1) for s in batch["seeds"]]
-                        noise = mask_noise(setup.masking, setup.grid, setup.mask_ratio, seeds=seeds, device=device)
-                        with autocast:
-                            loss, _, _ = model(imgs, setup.mask_ratio, noise=noise)
+                        loss = compute_loss()
                         value = float(loss.detach())
                         finite = math.isfinite(value)
                         local = [0.0 if finite else 1.0, 0.0, value if finite else 0.0]
@@ -148,7 +207,7 @@ def train_one_epoch(
                     if bad or nempty:
                         ok, empty = False, not bad
                     else:
-                        scaler.scale(loss / setup.accum_iter).backward()
+                        scaler.scale(loss / setup.accum_iter).backward()  # type: ignore[operator]
                         step_loss += loss_sum / info.world_size / setup.accum_iter
             if ok:
                 if setup.clip_grad:
@@ -156,6 +215,7 @@ def train_one_epoch(
                     torch.nn.utils.clip_grad_norm_(params, setup.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
+                setup.after_step(model, counters.step)
                 counters.nonfinite_in_a_row = 0
                 stats.loss_sum += step_loss
                 stats.good_steps += 1
@@ -174,7 +234,7 @@ def train_one_epoch(
                 raise TrainingDiverged(
                     f"stopping: {counters.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss "
                     f"(epoch {epoch + 1}, step {counters.step}, lr {lr:.3g}). The last checkpoint was not "
-                    "overwritten. Try a lower --blr, --clip-grad 3.0, or --precision bf16/fp32 instead of fp16."
+                    f"overwritten. {setup.diverged_hint}"
                 )
             elapsed = time.perf_counter() - start
             img_s = stats.images * info.world_size / max(elapsed, 1e-9)
