@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from pretrain.config import canonical_keys, coerce_value, read_options_file
+
 PROTOCOLS = ("finetune", "linprobe")
 POOLS = ("avg", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -250,63 +252,20 @@ def fields_for(protocol: str) -> list[str]:
 
 def _normalize_keys(values: Mapping[str, Any], where: str, protocol: str) -> dict[str, Any]:
     allowed = fields_for(protocol) + ["protocol"]
-    out = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in allowed:
-            if name in _FIELDS:
-                raise ValueError(f"{where}: {key!r} is a fine-tuning option; a linear probe does not use it")
-            close = difflib.get_close_matches(name, allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{where}: unknown option {key!r}{hint}")
-        out[name] = value
-    return out
+    refused = {n: "a fine-tuning option; a linear probe does not use it" for n in _FIELDS if n not in allowed}
+    return canonical_keys(values, where, allowed, refused)
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Values from JSON/YAML/strings into the field's type."""
-    if value is None:
-        return None
-    f = _FIELDS[name]
-    if name == "model_kwargs":
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"model_kwargs: not valid JSON ({exc})") from None
-        return value
-    if name == "tune_blocks":
+    if name == "tune_blocks" and value is not None:
         return str(value)
-    kind = f.metadata.get("type") or type(_default(name))
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{name}: expected true or false, got {value!r}")
-    if kind in (int, float):
-        try:
-            coerced = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}: expected a number, got {value!r}") from None
-        if kind is int and not isinstance(value, str) and coerced != value:
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-        return coerced
-    return str(value) if kind is str else value
+    return coerce_value(name, value, _FIELDS[name].metadata.get("type") or type(_default(name)))
 
 
 def load_config_file(path: str | Path, protocol: str) -> dict[str, Any]:
     """Options from a YAML (``.yaml``/``.yml``) or JSON file (e.g. a run's ``config.json``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such config file")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
+    values = read_options_file(path)
     if values.get("protocol", protocol) != protocol:
         raise ValueError(f"{path}: a {values['protocol']} config, used for {protocol}")
     values = _normalize_keys(values, str(path), protocol)

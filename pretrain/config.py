@@ -15,7 +15,7 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pretrain.data import AUGMENTATIONS
 from pretrain.masking import MASKINGS
@@ -137,51 +137,12 @@ def fields() -> list[str]:
     return list(_FIELDS)
 
 
-def _normalize_keys(values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in _FIELDS:
-            close = difflib.get_close_matches(name, list(_FIELDS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{where}: unknown option {key!r}{hint}")
-        out[name] = value
-    return out
+def read_options_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML (``.yaml``/``.yml``) or JSON options file holds, keys not yet checked.
 
-
-def _coerce(name: str, value: Any) -> Any:
-    """Values from JSON/YAML/strings into the field's type (int for float fields is fine)."""
-    f = _FIELDS[name]
-    if f.default is dataclasses.MISSING:
-        kind: type = dict
-    else:
-        kind = f.metadata.get("type") or type(f.default)
-    if value is None:
-        return None
-    if name == "model_kwargs" and isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"model_kwargs: not valid JSON ({exc})") from None
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{name}: expected true or false, got {value!r}")
-    if kind in (int, float) and not isinstance(value, bool):
-        try:
-            coerced = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}: expected a number, got {value!r}") from None
-        if kind is int and coerced != value and not isinstance(value, str):
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-        return coerced
-    if kind is str:
-        return str(value)
-    return value
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error."""
+    Raises:
+        ValueError: there is no such file, or it does not hold a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such config file")
@@ -194,7 +155,74 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         values = json.loads(text)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
-    values = _normalize_keys(values, str(path))
+    return values
+
+
+def canonical_keys(values: Mapping[str, Any], where: str, allowed: Sequence[str],
+                   refused: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``values`` with option names as the fields spell them (``mask-ratio`` -> ``mask_ratio``).
+
+    Args:
+        where: what the values come from, for the error (a file, ``options``).
+        allowed: the option names accepted.
+        refused: names that are not accepted here, with the reason (``is <reason>``).
+    Raises:
+        ValueError: a name is not allowed; it says why, or suggests the closest allowed name.
+    """
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in allowed:
+            if refused and name in refused:
+                raise ValueError(f"{where}: {key!r} is {refused[name]}")
+            close = difflib.get_close_matches(name, list(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{where}: unknown option {key!r}{hint}")
+        out[name] = value
+    return out
+
+
+def coerce_value(name: str, value: Any, kind: type) -> Any:
+    """A value from JSON/YAML or a flag as option ``name`` of type ``kind`` takes it.
+
+    ``bool`` takes only true / false; ``int`` and ``float`` take numbers and numeric strings (an
+    ``int`` option refuses 2.5); ``str`` takes anything as its text; ``dict`` takes a mapping or
+    its JSON text.  Raises ``ValueError`` naming the option otherwise.
+    """
+    if value is None:
+        return None
+    if kind is dict and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}: not valid JSON ({exc})") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if kind in (int, float):
+        try:
+            coerced = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+        if kind is int and coerced != value and not isinstance(value, str):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return coerced
+    return str(value) if kind is str else value
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Values from JSON/YAML/strings into the field's type (int for float fields is fine)."""
+    f = _FIELDS[name]
+    kind: type = dict if f.default is dataclasses.MISSING else (f.metadata.get("type") or type(f.default))
+    if isinstance(value, bool) and kind in (int, float):
+        return value  # a bool for a number is kept as given here (classification reads it as 0 / 1)
+    return coerce_value(name, value, kind)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error."""
+    values = canonical_keys(read_options_file(path), str(path), list(_FIELDS))
     return {k: _coerce(k, v) for k, v in values.items()}
 
 
@@ -204,7 +232,7 @@ def make_config(values: Mapping[str, Any] | None = None, config_file: str | Path
     if config_file:
         merged.update(load_config_file(config_file))
     if values:
-        given = _normalize_keys(values, "options")
+        given = canonical_keys(values, "options", list(_FIELDS))
         merged.update({k: _coerce(k, v) for k, v in given.items()})
     return PretrainConfig(**merged).validate()
 
