@@ -28,7 +28,13 @@ from torch import nn
 from classification.models import ClassifierViT, build_classifier, describe_model, fold_bn_head
 from mae_backbone import CheckpointError, atomic_torch_save, safe_torch_load
 from mae_backbone.checkpoint import infer_arch, load_checkpoint, read_checkpoint, save_checkpoint
-from pretrain.state import NonFiniteModelError, load_model_strict, nonfinite_parameters
+from pretrain.state import (
+    NonFiniteModelError,
+    load_model_strict,
+    nonfinite_parameters,
+    restore_model_and_optimizer,
+    resumable_state,
+)
 
 CHECKPOINT_NAME = "checkpoint.pth"
 MODEL_NAME = "model.safetensors"
@@ -59,24 +65,9 @@ def save_training_state(
     Raises:
         NonFiniteModelError: a weight is NaN/inf (the existing file is left untouched).
     """
-    bad = nonfinite_parameters(model)
-    if bad:
-        raise NonFiniteModelError(f"the model has non-finite weights after epoch {epoch} ({', '.join(bad[:5])}); "
-                                  f"not writing {path}, which keeps the last good state")
-    state = {
-        "model": _cpu(model.state_dict()),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
-        "ema": _cpu(ema.module.state_dict()) if ema is not None else None,
-        "epoch": int(epoch),
-        "step": int(step),
-        "counters": {k: int(v) for k, v in counters.items()},
-        "history": [dict(r) for r in history],
-        "classes": list(classes),
-        "config": dict(config),
-        "format": STATE_FORMAT,
-        "version": STATE_VERSION,
-    }
+    state = resumable_state(path, model, optimizer, scaler, epoch, step, counters, config)
+    state.update(ema=_cpu(ema.module.state_dict()) if ema is not None else None, history=[dict(r) for r in history],
+                 classes=list(classes), format=STATE_FORMAT, version=STATE_VERSION)
     return atomic_torch_save(state, path)
 
 
@@ -92,14 +83,8 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
 def restore_training_state(state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
                            scaler: torch.amp.GradScaler | None, ema: Any, source: str) -> None:
     """Put a checkpoint's model, optimizer, scaler and EMA state in place (strictly)."""
-    load_model_strict(model, state["model"], source)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{source}: optimizer state does not fit ({exc}); was it written for another "
-                              "protocol or --tune-blocks?") from None
-    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    restore_model_and_optimizer(state, model, optimizer, scaler, source,
+                                "; was it written for another protocol or --tune-blocks?")
     if ema is not None:
         if state.get("ema") is None:
             raise CheckpointError(f"{source}: has no EMA weights, but --ema-decay is set")

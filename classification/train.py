@@ -61,7 +61,7 @@ from pretrain.distributed import DistInfo, barrier, cleanup, init_distributed
 from pretrain.engine import Counters
 from pretrain.monitor import Monitor
 from pretrain.optim import absolute_lr
-from pretrain.state import NonFiniteModelError, nonfinite_parameters, seed_epoch_rngs
+from pretrain.state import check_finite_weights, seed_epoch_rngs, warn_config_changes
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +125,6 @@ def _architecture(cfg: ClassifyConfig, state: Mapping[str, Any] | None) -> tuple
     return cfg.model, dict(cfg.model_kwargs)
 
 
-def _warn_config_changes(saved: Mapping[str, Any], cfg: ClassifyConfig, source: Path) -> None:
-    now = cfg.to_dict()
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != now[k])
-    if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        logger.warning("resuming %s with changed options (%s); the run will not match an uninterrupted one",
-                       source, details)
-
-
 def _metrics_doc(cfg: ClassifyConfig, classes: list[str], report: FreezeReport, history: list[dict[str, Any]],
                  ) -> dict[str, Any]:
     evaluated = [r for r in history if "val" in r]
@@ -177,7 +168,7 @@ def train(cfg: ClassifyConfig, on_epoch_end: Callable[[dict[str, Any]], None] | 
         arch, overrides = _architecture(cfg, state)
         cfg = dataclasses.replace(cfg.resolve(arch), model_kwargs=overrides)
         if state is not None:
-            _warn_config_changes(state["config"], cfg, resume)  # type: ignore[arg-type]
+            warn_config_changes(state["config"], cfg.to_dict(), resume, _RESUMABLE_CHANGES)  # type: ignore[arg-type]
 
         torch.manual_seed(cfg.seed)  # the same head initialization in every process
         model = build_classifier(arch, len(classes), cfg.protocol, global_pool=cfg.global_pool, img_size=cfg.img_size,
@@ -277,10 +268,7 @@ def train(cfg: ClassifyConfig, on_epoch_end: Callable[[dict[str, Any]], None] | 
                 logger.info("epoch %d: val top-1 %.2f top-5 %.2f loss %.4f", done, record["val"]["top1"],
                             record["val"]["top5"], record["val"]["loss"])
             if done % cfg.save_every == 0 or done == cfg.epochs:
-                bad = nonfinite_parameters(model)
-                if bad:
-                    raise NonFiniteModelError(f"the weights became non-finite in epoch {done} ({bad[0]} ...); "
-                                              f"{ckpt_path} keeps the last good state")
+                check_finite_weights(model, done, ckpt_path)
                 if info.is_main:
                     save_training_state(ckpt_path, model, optimizer, scaler, ema, done, counters.step,
                                         counters.as_dict(), history, classes, cfg.to_dict())

@@ -15,9 +15,10 @@ are the whole state: a resumed run ends bit for bit where the uninterrupted run 
 """
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ CHECKPOINT_NAME = "checkpoint.pth"
 ENCODER_NAME = "encoder.safetensors"
 STATE_FORMAT = "mae-transfer/pretrain"
 STATE_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteModelError(RuntimeError):
@@ -49,6 +52,42 @@ def nonfinite_parameters(model: nn.Module) -> list[str]:
     return [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
+def resumable_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, epoch: int, step: int, counters: Mapping[str, int],
+                    config: Mapping[str, Any]) -> dict[str, Any]:
+    """What every resumable checkpoint holds (pretraining's and classification's): the weights
+    on the CPU, optimizer and grad-scaler state, ``epoch`` and ``step`` completed, the counters and
+    the run's options.
+
+    Raises:
+        NonFiniteModelError: a weight is NaN/inf; ``path``, about to be written, keeps the last good state.
+    """
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteModelError(
+            f"the model has non-finite weights after epoch {epoch} ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); not writing {path}, which keeps the last good state"
+        )
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+        "epoch": int(epoch),
+        "step": int(step),
+        "counters": {k: int(v) for k, v in counters.items()},
+        "config": dict(config),
+    }
+
+
+def check_finite_weights(model: nn.Module, epoch: int, checkpoint: str | Path) -> None:
+    """Raise ``NonFiniteModelError`` when a weight became NaN/inf in ``epoch``; ``checkpoint`` keeps
+    the last good state.  Called on every process before a save, so that all of them stop."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteModelError(f"the weights became non-finite in epoch {epoch} ({bad[0]} ...); "
+                                  f"{checkpoint} keeps the last good state")
+
+
 def save_training_state(
     path: str | Path,
     model: nn.Module,
@@ -64,24 +103,9 @@ def save_training_state(
     Raises:
         NonFiniteModelError: a weight is NaN/inf (the existing file is left untouched).
     """
-    bad = nonfinite_parameters(model)
-    if bad:
-        raise NonFiniteModelError(
-            f"the model has non-finite weights after epoch {epoch} ({', '.join(bad[:5])}"
-            f"{', ...' if len(bad) > 5 else ''}); not writing {path}, which keeps the last good state"
-        )
-    state = {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
-        "epoch": int(epoch),
-        "step": int(step),
-        "counters": {k: int(v) for k, v in counters.items()},
-        "config": dict(config),
-        "model_config": model.config() if hasattr(model, "config") else {},
-        "format": STATE_FORMAT,
-        "version": STATE_VERSION,
-    }
+    state = resumable_state(path, model, optimizer, scaler, epoch, step, counters, config)
+    state.update(model_config=model.config() if hasattr(model, "config") else {}, format=STATE_FORMAT,
+                 version=STATE_VERSION)
     return atomic_torch_save(state, path)
 
 
@@ -112,6 +136,33 @@ def load_model_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     model.load_state_dict(state_dict, strict=True)
 
 
+def restore_model_and_optimizer(state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                                scaler: torch.amp.GradScaler | None, source: str, hint: str = "") -> None:
+    """Load a resumable checkpoint's weights (strictly), optimizer and grad-scaler state.
+
+    Raises:
+        CheckpointError: the weights or the optimizer state do not fit (``hint`` is added to the latter).
+    """
+    load_model_strict(model, state["model"], source)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{source}: optimizer state does not fit ({exc}){hint}") from None
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+def warn_config_changes(saved: Mapping[str, Any], now: Mapping[str, Any], source: str | Path,
+                        resumable: Collection[str]) -> None:
+    """Warn when a run resumes with options (other than ``resumable`` ones) that differ from the
+    ``saved`` ones: it will not match an uninterrupted run."""
+    changed = sorted(k for k in now if k not in resumable and k in saved and saved[k] != now[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        logger.warning("resuming %s with changed options (%s); the run will not match an uninterrupted one",
+                       source, details)
+
+
 def restore_training_state(
     state: Mapping[str, Any],
     model: nn.Module,
@@ -129,13 +180,7 @@ def restore_training_state(
             f"{source}: holds model weights but no training state (optimizer, epoch); "
             "it cannot be resumed"
         )
-    load_model_strict(model, state["model"], source)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{source}: optimizer state does not fit ({exc})") from None
-    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    restore_model_and_optimizer(state, model, optimizer, scaler, source)
     return int(state["epoch"]), int(state["step"]), dict(state.get("counters", {}))
 
 

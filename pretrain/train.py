@@ -42,13 +42,13 @@ from pretrain.optim import absolute_lr, build_optimizer, lr_at
 from pretrain.state import (
     CHECKPOINT_NAME,
     ENCODER_NAME,
-    NonFiniteModelError,
+    check_finite_weights,
     export_encoder,
     load_training_state,
-    nonfinite_parameters,
     restore_training_state,
     save_training_state,
     seed_epoch_rngs,
+    warn_config_changes,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,15 +98,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _warn_config_changes(saved: dict[str, Any], cfg: PretrainConfig, source: Path) -> None:
-    now = cfg.to_dict()
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != now[k])
-    if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        logger.warning("resuming %s with changed options (%s); the run will not match an uninterrupted one",
-                       source, details)
 
 
 def _vis_batch(files: list[Path], img_size: int, count: int) -> torch.Tensor | None:
@@ -181,7 +172,7 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> Run
         resume = Path(cfg.resume) if cfg.resume else (ckpt_path if cfg.auto_resume and ckpt_path.exists() else None)
         if resume is not None:
             state = load_training_state(resume)
-            _warn_config_changes(state.get("config", {}), cfg, resume)
+            warn_config_changes(state.get("config", {}), cfg.to_dict(), resume, _RESUMABLE_CHANGES)
             start_epoch, step, saved = restore_training_state(state, model, optimizer, scaler, str(resume))
             counters = Counters(**{k: int(v) for k, v in saved.items() if k in Counters().as_dict()})
             counters.step = step
@@ -239,10 +230,7 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> Run
             if skipped:
                 logger.warning("epoch %d: skipped %d unreadable images", done, skipped)
             if done % cfg.save_every == 0 or done == cfg.epochs:
-                bad = nonfinite_parameters(model)
-                if bad:
-                    raise NonFiniteModelError(f"the weights became non-finite in epoch {done} ({bad[0]} ...); "
-                                              f"{ckpt_path} keeps the last good state")
+                check_finite_weights(model, done, ckpt_path)
                 if info.is_main:
                     save_training_state(ckpt_path, model, optimizer, scaler, done, counters.step,
                                         counters.as_dict(), cfg.to_dict())
