@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError, load_rgb
@@ -103,8 +103,31 @@ def build_transform(cfg: Any, is_training: bool) -> Transform:
     if cfg.protocol == "linprobe":
         return create_transform(is_training=True, color_jitter=None, **common)
     aa = None if str(cfg.aa).lower() in ("", "none") else cfg.aa
-    return create_transform(is_training=True, color_jitter=None, auto_augment=aa, re_prob=cfg.reprob,
-                            re_mode=cfg.remode, re_count=cfg.recount, **common)
+    transform = create_transform(is_training=True, color_jitter=None, auto_augment=aa, re_prob=cfg.reprob,
+                                 re_mode=cfg.remode, re_count=cfg.recount, **common)
+    return _pillow13_safe_posterize(transform)
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, but defined for 0 bits as Pillow < 13 did (every channel to 0).
+
+    timm's ``PosterizeIncreasing`` (the ``inc1`` RandAugment of the MAE recipe) asks for 0 bits at
+    high magnitudes; Pillow 13 raises ``ValueError`` there where older Pillow returned a black image.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow13_safe_posterize(transform: Transform) -> Transform:
+    """Swap timm's posterize in any RandAugment/AutoAugment ops of ``transform`` for ``_posterize``."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if str(getattr(op, "name", "")).startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
 
 
 @contextlib.contextmanager

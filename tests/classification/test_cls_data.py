@@ -98,3 +98,21 @@ def test_mixup_is_off_for_linear_probing_and_when_disabled():
     assert build_mixup(ft_config(mixup=0.0, cutmix=0.0), 4) is None
     lp = make_config("linprobe", {"data": "d", "output": "o"}).resolve(None)
     assert build_mixup(lp, 4) is None
+
+
+def test_randaugment_posterize_at_zero_bits_works_on_current_pillow():
+    """The recipe's 'inc1' RandAugment asks posterize for 0 bits at high magnitude; Pillow 13 raises
+    there. Every posterize op of the fine-tuning transform must give a black image instead."""
+    from PIL import Image
+
+    from classification import build_transform, make_config
+
+    cfg = make_config("finetune", {"data": "unused", "output": "unused", "img_size": 32})
+    transform = build_transform(cfg, is_training=True)
+    ops = [op for t in transform.transforms for op in getattr(t, "ops", []) if op.name.startswith("Posterize")]
+    assert ops, "the recipe's RandAugment has a posterize op"
+    img = Image.new("RGB", (8, 8), (200, 120, 40))
+    for op in ops:
+        assert list(op.aug_fn(img, 0).getdata()) == [(0, 0, 0)] * 64
+        assert op.aug_fn(img, 4).getpixel((0, 0)) == (192, 112, 32)
+        assert op.aug_fn(img, 8) is img
