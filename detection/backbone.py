@@ -111,7 +111,29 @@ def _resampler(dim: int, scale: float, norm: NormSpec, keep_channels: bool) -> t
     raise ValueError(f"scale factor {scale} is not supported (use 4.0, 2.0, 1.0, 0.5 or 0.25)")
 
 
-class SimpleFeaturePyramid(Backbone):
+class _PaddedViTBackbone(Backbone):
+    """What both pyramids share: Detectron2's padding contract and the optional pretrained load."""
+
+    _size_divisibility: int
+    _square_pad: int
+
+    def _finish(self, square_pad: int, pretrained: str) -> None:
+        self._square_pad = int(square_pad)
+        if pretrained:
+            load_pretrained(self, pretrained)
+
+    @property
+    def size_divisibility(self) -> int:
+        """Detectron2 pads inputs to multiples of this (the coarsest output stride)."""
+        return self._size_divisibility
+
+    @property
+    def padding_constraints(self) -> dict[str, int]:
+        """Detectron2 >= 0.7's padding hook: divisibility and the square side."""
+        return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
+
+
+class SimpleFeaturePyramid(_PaddedViTBackbone):
     """ViTDet's simple feature pyramid on the last block of a (windowed) ViT.
 
     Args:
@@ -167,19 +189,7 @@ class SimpleFeaturePyramid(Backbone):
         self._out_features = list(self._out_feature_strides)
         self._out_feature_channels = {k: out_channels for k in self._out_features}
         self._size_divisibility = max(int(patch / s) for s in self.scale_factors)
-        self._square_pad = int(square_pad)
-        if pretrained:
-            load_pretrained(self, pretrained)
-
-    @property
-    def size_divisibility(self) -> int:
-        """Detectron2 pads inputs to multiples of this (the coarsest pyramid stride, 32)."""
-        return self._size_divisibility
-
-    @property
-    def padding_constraints(self) -> dict[str, int]:
-        """Detectron2 >= 0.7's padding hook: divisibility and the square side."""
-        return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
+        self._finish(square_pad, pretrained)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         hw = tuple(x.shape[-2:])
@@ -196,7 +206,7 @@ class SimpleFeaturePyramid(Backbone):
                 for k in self._out_features}
 
 
-class ViTMultiScale(Backbone):
+class ViTMultiScale(_PaddedViTBackbone):
     """Four evenly spaced ViT blocks as a stride 4/8/16/32 pyramid, the bottom-up of an ``FPN``.
 
     The MAE paper's detection backbone: the ViT is cut into four equal groups of blocks and the
@@ -240,17 +250,7 @@ class ViTMultiScale(Backbone):
         self._out_features = list(self._out_feature_strides)
         self._out_feature_channels = {k: dim for k in self._out_features}
         self._size_divisibility = max(self._out_feature_strides.values())
-        self._square_pad = int(square_pad)
-        if pretrained:
-            load_pretrained(self, pretrained)
-
-    @property
-    def size_divisibility(self) -> int:
-        return self._size_divisibility
-
-    @property
-    def padding_constraints(self) -> dict[str, int]:
-        return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
+        self._finish(square_pad, pretrained)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         hw = tuple(x.shape[-2:])
