@@ -27,10 +27,10 @@ class DemoPlan:
     encoder: str = "vit_tiny_patch16"
     encoder_kwargs: dict = field(default_factory=lambda: {"depth": 6})
     img_size: int = 64
-    pretrain_epochs: int = 40
+    pretrain_epochs: int = 30
     cls_epochs: int = 8
-    seg_iters: int = 300
-    det_iters: int = 300
+    seg_iters: int = 120
+    det_iters: int = 100
 
     @classmethod
     def make(cls, quick: bool, seed: int = 0) -> "DemoPlan":
@@ -286,12 +286,12 @@ def _encoder_dims(plan: DemoPlan) -> dict[str, int]:
 STAGES: dict[str, tuple[str, Callable[[DemoContext], None], float]] = {
     # key: (title, function, planned seconds in the full demo on 2 cores -- used for the ETA only)
     "data": ("sample data", stage_data, 5),
-    "pretrain": ("MAE pretraining", stage_pretrain, 200),
+    "pretrain": ("MAE pretraining", stage_pretrain, 120),
     "finetune": ("fine-tuning, MAE vs random init", stage_finetune, 80),
     "linprobe": ("linear probing, MAE vs random init", stage_linprobe, 40),
     "partial": ("partial fine-tuning, MAE vs random init", stage_partial, 60),
-    "segment": ("UperNet segmentation, MAE vs random init", stage_segment, 150),
-    "detect": ("Mask R-CNN (ViTDet pyramid), MAE vs random init", stage_detect, 240),
+    "segment": ("UperNet segmentation, MAE vs random init", stage_segment, 270),
+    "detect": ("Mask R-CNN (ViTDet pyramid), MAE vs random init", stage_detect, 300),
 }
 
 
