@@ -93,7 +93,7 @@ def test_deit_distilled_token_is_removed_from_pos_embed(tmp_path):
 
 
 def test_hf_export_equals_transformers_vit(tmp_path):
-    transformers = pytest.importorskip("transformers")  # dev extra, installed by set-up
+    import transformers  # the dev extra; set-up installs it
     model = _tiny().eval()
     write_checkpoint(model.state_dict(), tmp_path / "hf", "hf", {"num_heads": 3})
     hf = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
@@ -103,7 +103,7 @@ def test_hf_export_equals_transformers_vit(tmp_path):
 
 
 def test_hf_vitmae_folder_reads_into_our_encoder(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.ViTMAEConfig(hidden_size=192, num_hidden_layers=2, num_attention_heads=3,
                                     intermediate_size=768, image_size=32, patch_size=16, mask_ratio=0.0, layer_norm_eps=1e-6,
                                     decoder_hidden_size=32, decoder_num_hidden_layers=1,
