@@ -232,7 +232,7 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def _fit_pos_embed(ckpt: torch.Tensor, target: torch.Tensor, grid: tuple[int, int], old_grid: Any) -> torch.Tensor:
+def _fit_pos_embed(ckpt: torch.Tensor, grid: tuple[int, int], old_grid: Any) -> torch.Tensor:
     n = ckpt.shape[1]
     if math.isqrt(n - 1) ** 2 == n - 1:
         prefix = 1
@@ -296,7 +296,7 @@ def load_checkpoint(
             continue
         what = f"{tuple(value.shape)} -> {tuple(want)}"
         if key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
-            fitted[key] = _fit_pos_embed(value, target[key], vit.grid_size, old_grid)
+            fitted[key] = _fit_pos_embed(value, vit.grid_size, old_grid)
             report.resampled[key] = what + " (bicubic)"
         elif key == "patch_embed.proj.weight" and value.shape[:2] == want[:2]:
             fitted[key] = resample_patch_embed(value, want[-2:])

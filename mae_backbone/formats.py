@@ -44,7 +44,11 @@ def _drop(sd: StateDict, pattern: str, why: str, notes: Notes) -> StateDict:
     return {k: v for k, v in sd.items() if k not in dropped}
 
 
-def _strip(sd: StateDict, prefix: str) -> StateDict:
+def _take_prefix(sd: StateDict, prefix: str, others: str, notes: Notes) -> StateDict:
+    """The keys under ``prefix``, without it; the rest are dropped with a note naming them."""
+    dropped = [k for k in sd if not k.startswith(prefix)]
+    if dropped:
+        notes.append(f"dropped {len(dropped)} {others} keys outside {prefix!r}")
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
@@ -78,10 +82,7 @@ MOCO_PREFIX = "module.base_encoder."
 
 def read_mocov3(obj: Any, notes: Notes) -> StateDict:
     full = _tensors(obj["state_dict"], "MoCo v3 checkpoint['state_dict']")
-    others = [k for k in full if not k.startswith(MOCO_PREFIX)]
-    if others:
-        notes.append(f"dropped {len(others)} momentum-encoder/predictor keys")
-    sd = _strip(full, MOCO_PREFIX)
+    sd = _take_prefix(full, MOCO_PREFIX, "momentum-encoder/predictor", notes)
     return _drop(sd, r"^head\.", "MoCo v3 projection head", notes)
 
 
@@ -202,10 +203,7 @@ D2_PREFIX = "backbone.net."
 
 def read_detectron2(obj: Any, notes: Notes) -> StateDict:
     full = _tensors(obj["model"], "Detectron2 checkpoint['model']")
-    others = [k for k in full if not k.startswith(D2_PREFIX)]
-    if others:
-        notes.append(f"dropped {len(others)} detector keys outside {D2_PREFIX!r} (pyramid, RPN, ROI heads)")
-    return _strip(full, D2_PREFIX)
+    return _take_prefix(full, D2_PREFIX, "detector (pyramid, RPN, ROI heads)", notes)
 
 
 def write_detectron2(sd: StateDict, meta: dict[str, Any]) -> Any:
@@ -240,10 +238,7 @@ def read_mmseg(obj: Any, notes: Notes) -> StateDict:
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     sd = _tensors(sd, "MMSeg checkpoint")
     if any(k.startswith("backbone.") for k in sd):
-        others = [k for k in sd if not k.startswith("backbone.")]
-        if others:
-            notes.append(f"dropped {len(others)} decode/auxiliary head keys outside 'backbone.'")
-        sd = _strip(sd, "backbone.")
+        sd = _take_prefix(sd, "backbone.", "decode/auxiliary head", notes)
     out: StateDict = {}
     for k, v in sd.items():
         m = re.match(r"^layers\.(\d+)\.(.+)$", k)

@@ -163,8 +163,6 @@ randomness = dict(seed={seed})
 
 
 def stage_segment(ctx: DemoContext) -> None:
-    import torch
-
     from mae_transfer.sample_data import SEG_CLASSES
     from segmentation import CONFIG_DIR
     from segmentation.engine import load_config, prepare, train
@@ -187,11 +185,7 @@ def stage_segment(ctx: DemoContext) -> None:
                       config_path=str(cfg_path))
         cfg.experiment_name = f"demo_segment_{init}"
         runner = train(cfg)
-        metrics = runner.message_hub.get_info("mIoU", None) if hasattr(runner.message_hub, "get_info") else None
-        scalars = runner.message_hub.log_scalars
-        miou = metrics if metrics is not None else float(scalars["val/mIoU"].current())
-        row[init] = float(miou)
-        torch.set_num_threads(torch.get_num_threads())
+        row[init] = float(runner.message_hub.get_scalar("val/mIoU").current())
     ctx.results["segment"] = row
 
 
