@@ -22,6 +22,14 @@ from pretrain.masking import MASKINGS
 from pretrain.model import MAE_ARCHS, TARGETS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# what ``--method`` pretrains: MAE, or a controlled baseline (pretrain.moco / pretrain.supervised)
+METHODS = ("mae", "mocov3", "supervised")
+# options that only one method reads; giving one of them another value with another method is an error
+MAE_ONLY = ("decoder_depth", "decoder_dim", "decoder_heads", "encoder_mask_tokens", "mask_ratio", "masking", "target",
+            "aug", "vis_every", "vis_images")
+MOCO_ONLY = ("moco_temperature", "moco_momentum", "moco_proj_hidden", "moco_dim", "moco_pred_hidden")
+# a method's recipe values of options the user did not give (MoCo v3: AdamW wd 0.1; DeiT: lr 5e-4 per 512 images)
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"mocov3": {"weight_decay": 0.1}, "supervised": {"blr": 2.5e-4}}
 # encoder arguments that model_kwargs may override (the ViT architecture)
 ENCODER_ARGS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "norm_eps",
                 "drop_path_rate")
@@ -43,7 +51,10 @@ class PretrainConfig:
     data: str = _opt("training images: a folder (class subfolders or flat) or a text file listing images", default="")
     output: str = _opt("run folder: checkpoints, logs, TensorBoard, config.json, reconstruction grids", default="")
     # model
-    model: str = _opt("MAE architecture", default="mae_vit_base_patch16", choices=tuple(MAE_ARCHS))
+    method: str = _opt("what to pretrain: mae, or a baseline with the same budget: mocov3 (MoCo v3), supervised "
+                       "(labels of the class folders)", default="mae", choices=METHODS)
+    model: str = _opt("MAE architecture (its encoder is the ViT of every method)", default="mae_vit_base_patch16",
+                      choices=tuple(MAE_ARCHS))
     img_size: int = _opt("input resolution (pixels)", default=224)
     model_kwargs: dict = _opt('encoder overrides as JSON, e.g. \'{"depth": 6, "patch_size": 8}\'', default={})
     decoder_depth: int = _opt("decoder blocks (paper ablation: 1/2/4/8/12)", default=8)
@@ -55,6 +66,12 @@ class PretrainConfig:
     target: str = _opt("regression target", default="norm_pixel", choices=TARGETS)
     aug: str = _opt("augmentation (paper Table 1e)", default="crop_rand", choices=AUGMENTATIONS)
     grad_checkpointing: bool = _opt("recompute block activations in backward (less memory)", default=False)
+    # MoCo v3 (--method mocov3)
+    moco_temperature: float = _opt("MoCo v3: InfoNCE temperature tau", default=0.2)
+    moco_momentum: float = _opt("MoCo v3: momentum m0 of the key encoder, rising to 1 by a half-cosine", default=0.99)
+    moco_proj_hidden: int = _opt("MoCo v3: hidden width of the 3-layer projection MLP", default=4096)
+    moco_dim: int = _opt("MoCo v3: output width of the projection and prediction MLPs", default=256)
+    moco_pred_hidden: int = _opt("MoCo v3: hidden width of the 2-layer prediction MLP", default=4096)
     # optimization
     epochs: int = _opt("training epochs", default=800)
     warmup_epochs: int = _opt("linear warmup epochs", default=40)
@@ -123,6 +140,16 @@ class PretrainConfig:
                                  f"(options: {', '.join(sorted(ENCODER_ARGS))})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for name in MOCO_ONLY:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.moco_momentum <= 1.0:
+            raise ValueError(f"moco_momentum must be in [0, 1], got {self.moco_momentum}")
+        unused = [n for n in fields() if (n in MAE_ONLY and self.method != "mae" or
+                                          n in MOCO_ONLY and self.method != "mocov3")
+                  and getattr(self, n) != _FIELDS[n].default]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: not an option of --method {self.method}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,6 +261,8 @@ def make_config(values: Mapping[str, Any] | None = None, config_file: str | Path
     if values:
         given = canonical_keys(values, "options", list(_FIELDS))
         merged.update({k: _coerce(k, v) for k, v in given.items()})
+    for key, value in METHOD_DEFAULTS.get(merged.get("method", "mae"), {}).items():
+        merged.setdefault(key, value)
     return PretrainConfig(**merged).validate()
 
 

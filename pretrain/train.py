@@ -1,5 +1,10 @@
-"""MAE pretraining run: ``train(config)`` sets up data, model, optimizer and the run folder, then
-loops over epochs with checkpoints, logs and reconstruction grids.
+"""Pretraining run: ``train(config)`` sets up data, model, optimizer and the run folder, then
+loops over epochs with checkpoints, logs and (MAE) reconstruction grids.
+
+``config.method`` chooses what is pretrained, with the same data, budget and run folder: ``mae``,
+or the controlled baselines ``mocov3`` (``pretrain.moco``, same loop: two crops, momentum update
+after each step) and ``supervised`` (``pretrain.supervised``: the classification trainer on the
+class folders' labels).
 
 Run folder (``config.output``):
     config.json          the resolved options (usable again with ``--config``)
@@ -7,7 +12,9 @@ Run folder (``config.output``):
     tensorboard/         TensorBoard scalars
     checkpoint.pth       full model + training state, every ``save_every`` epochs and at the end
     encoder.safetensors  the encoder alone, in the mae_backbone format, at the end
-    vis/epoch_XXXX.png   reconstruction grids every ``vis_every`` epochs
+    vis/epoch_XXXX.png   reconstruction grids every ``vis_every`` epochs (MAE)
+
+The encoder's metadata names the ``method``.
 """
 from __future__ import annotations
 
@@ -36,7 +43,8 @@ from pretrain.data import (
 from pretrain.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from pretrain.engine import Counters, StepSetup, train_one_epoch
 from pretrain.masking import check_masking, mask_noise
-from pretrain.model import MaskedAutoencoderViT, create_mae
+from pretrain.model import MAE_ARCHS, MaskedAutoencoderViT, create_mae
+from pretrain.moco import MoCoV3, MocoStepSetup, build_moco_optimizer, build_moco_transform, create_moco
 from pretrain.monitor import Monitor
 from pretrain.optim import absolute_lr, build_optimizer, lr_at
 from pretrain.state import (
@@ -74,8 +82,14 @@ class RunResult:
     resumed_from: Path | None = None
 
 
-def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    """The MAE the options describe."""
+def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT | MoCoV3:
+    """The MAE (or, with ``method`` mocov3, the MoCo v3 model) the options describe."""
+    if cfg.method == "mocov3":
+        return create_moco(MAE_ARCHS[cfg.model], img_size=cfg.img_size, proj_hidden=cfg.moco_proj_hidden,
+                           dim=cfg.moco_dim, pred_hidden=cfg.moco_pred_hidden, temperature=cfg.moco_temperature,
+                           grad_checkpointing=cfg.grad_checkpointing, **cfg.model_kwargs)
+    if cfg.method != "mae":
+        raise ValueError(f"build_model: method {cfg.method!r} has no pretraining model")
     return create_mae(
         cfg.model,
         img_size=cfg.img_size,
@@ -126,31 +140,53 @@ def _save_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, cfg: PretrainCon
     save_figure(render_figure(rec, title, scale=max(1, 128 // cfg.img_size)), rec, path, title)
 
 
-def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> RunResult:
-    """Pretrain an MAE as ``cfg`` says, resuming from a checkpoint when there is one.
+def _encoder_meta(cfg: PretrainConfig) -> dict[str, Any]:
+    """What the exported encoder's metadata says about how it was pretrained."""
+    meta: dict[str, Any] = {"method": cfg.method, "pretrain_model": cfg.model}
+    if cfg.method == "mae":
+        meta.update(mask_ratio=cfg.mask_ratio, masking=cfg.masking, target=cfg.target)
+    elif cfg.method == "mocov3":
+        meta.update(moco_temperature=cfg.moco_temperature, moco_momentum=cfg.moco_momentum,
+                    moco_proj_hidden=cfg.moco_proj_hidden, moco_dim=cfg.moco_dim,
+                    moco_pred_hidden=cfg.moco_pred_hidden)
+    return meta
+
+
+def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | MoCoV3 | None = None) -> RunResult:
+    """Pretrain as ``cfg`` says (MAE, or the ``method``'s baseline), resuming from a checkpoint
+    when there is one.
 
     Run it directly or under ``torchrun`` (one process per device, any number of nodes).
 
     Args:
         cfg: the options.
-        model: a prebuilt model (default: ``build_model(cfg)``).
+        model: a prebuilt model (default: ``build_model(cfg)``; not with ``supervised``).
     Raises:
         DataError: no readable image, or fewer images than one global batch.
         TrainingDiverged: too many non-finite losses in a row.
         NonFiniteModelError: the weights became non-finite (the checkpoint keeps the last good state).
     """
     cfg.validate()
+    if cfg.method == "supervised":
+        if model is not None:
+            raise ValueError("train: the supervised baseline builds its own classifier; do not pass a model")
+        from pretrain.supervised import train_supervised
+
+        return train_supervised(cfg)
+    moco = cfg.method == "mocov3"
     info = init_distributed(cfg.device, cfg.dist_backend)
     monitor = Monitor(Path(cfg.output), enabled=False)
     try:
         out = Path(cfg.output)
         files = list_images(cfg.data)
-        dataset = ImageFiles(files, build_transform(cfg.aug, cfg.img_size))
+        transform = build_moco_transform(cfg.img_size) if moco else build_transform(cfg.aug, cfg.img_size)
+        dataset = ImageFiles(files, transform)
         dataset.first_readable()  # raises DataError before anything else when nothing decodes
 
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         model = model if model is not None else build_model(cfg)
-        check_masking(cfg.masking, cfg.mask_ratio, model.grid_size)
+        if not moco:
+            check_masking(cfg.masking, cfg.mask_ratio, model.grid_size)
         model.to(info.device)
 
         sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, info.rank, info.world_size, cfg.accum_iter)
@@ -161,7 +197,8 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> Run
                             f"{info.world_size} processes)")
         steps_per_epoch = sampler.steps_per_epoch
         lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, effective_batch)
-        optimizer = build_optimizer(model, lr, cfg.weight_decay)
+        optimizer = (build_moco_optimizer(model, lr, cfg.weight_decay) if moco  # type: ignore[arg-type]
+                     else build_optimizer(model, lr, cfg.weight_decay))
         precision = resolve_precision(cfg.precision, info.device)
         amp_dtype = AMP_DTYPES[precision]
         scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
@@ -188,7 +225,8 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> Run
                          "world_size": info.world_size, "effective_batch": effective_batch, "lr": lr,
                          "images": len(dataset), "steps_per_epoch": steps_per_epoch,
                          "precision": precision, "device": str(info.device)})
-        vis_imgs = _vis_batch(files, cfg.img_size, cfg.vis_images) if info.is_main and cfg.vis_every else None
+        show = info.is_main and cfg.vis_every and not moco
+        vis_imgs = _vis_batch(files, cfg.img_size, cfg.vis_images) if show else None
 
         if info.distributed:
             ddp_model: torch.nn.Module = DistributedDataParallel(
@@ -199,12 +237,20 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> Run
                             pin_memory=info.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = cfg.warmup_epochs * steps_per_epoch
-        setup = StepSetup(
-            mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, accum_iter=cfg.accum_iter,
-            lr_at=lambda step: lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps),
-            amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, max_nonfinite=cfg.max_nonfinite,
-            log_every=cfg.log_every, epochs=cfg.epochs,
-        )
+        setup: StepSetup | MocoStepSetup
+        if moco:
+            setup = MocoStepSetup(
+                lr_at=lambda step: lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps),
+                momentum=cfg.moco_momentum, total_steps=total_steps, accum_iter=cfg.accum_iter, amp_dtype=amp_dtype,
+                clip_grad=cfg.clip_grad, max_nonfinite=cfg.max_nonfinite, log_every=cfg.log_every, epochs=cfg.epochs,
+            )
+        else:
+            setup = StepSetup(
+                mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, accum_iter=cfg.accum_iter,
+                lr_at=lambda step: lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps),
+                amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, max_nonfinite=cfg.max_nonfinite,
+                log_every=cfg.log_every, epochs=cfg.epochs,
+            )
         result = RunResult(output=out, epochs_done=start_epoch, steps=counters.step,
                            resumed_from=resume)
         seen_failures: set[str] = set()
@@ -237,12 +283,12 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | None = None) -> Run
                     result.checkpoint = ckpt_path
                 barrier(info)
             if vis_imgs is not None and (done % cfg.vis_every == 0 or done == cfg.epochs):
-                _save_grid(model, vis_imgs.to(info.device), cfg, done, out / VIS_DIR / f"epoch_{done:04d}.png")
+                _save_grid(model, vis_imgs.to(info.device), cfg, done,  # type: ignore[arg-type]
+                           out / VIS_DIR / f"epoch_{done:04d}.png")
             result.epochs_done, result.steps = done, counters.step
 
         if info.is_main:
-            meta = {"epochs": result.epochs_done, "mask_ratio": cfg.mask_ratio, "masking": cfg.masking,
-                    "target": cfg.target, "pretrain_model": cfg.model}
+            meta = {"epochs": result.epochs_done, **_encoder_meta(cfg)}
             result.encoder = export_encoder(model, out / ENCODER_NAME, meta)
             if result.checkpoint is None and ckpt_path.exists():
                 result.checkpoint = ckpt_path
