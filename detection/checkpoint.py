@@ -9,19 +9,24 @@ Two kinds of file, two paths:
 - a **full detector** checkpoint (resume, evaluation, ``train.init_checkpoint`` /
   ``MODEL.WEIGHTS``) goes through ``SafeDetectionCheckpointer``: Detectron2's own checkpointer,
   except that torch files are read with ``weights_only`` and ``.pkl`` files (plain pickle, which
-  can run code) are refused unless the caller trusts them explicitly.
+  can run code) are refused unless the caller trusts them explicitly. Its writes are atomic
+  (``mae_backbone.io.atomic_write``): a checkpoint and ``last_checkpoint`` are each either the
+  previous file or the whole new one, even when the process is killed mid-write, and every
+  checkpoint carries a sha256 of its content (``mae_backbone.io.add_checksum``) that loading
+  verifies, so a truncated or bit-flipped file is refused with its name.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from mae_backbone import CheckpointError, UnsafeCheckpointError, VisionTransformer, safe_torch_load
+from mae_backbone.io import add_checksum, atomic_write
 from mae_backbone.checkpoint import REL_POS_KEYS, LoadReport, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -71,6 +76,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
       tensors and plain data, so resume works unchanged.
     - ``.pkl`` (Detectron2 / Caffe2 model zoo): plain ``pickle.load``, which can run code; refused
       with ``UnsafeCheckpointError`` unless ``trust_pickle=True`` (CLI ``--trust-pickle``).
+    - Writes (``save``, ``last_checkpoint``) are atomic on local folders and the checkpoint holds
+      its own sha256; a write that fails (no space, permission denied) raises
+      ``CheckpointWriteError`` naming the file, and the previous checkpoint and ``last_checkpoint``
+      stay as they were. Remote folders (``s3://`` ...) go through Detectron2's ``PathManager``.
     - A file none of whose tensors name a parameter of the model (typically a ViT encoder
       checkpoint given as detector weights) is an error instead of a warning: encoder weights
       belong in the backbone's ``pretrained``.
@@ -91,6 +100,62 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         """The same checkpointer (model, folder, checkpointables), made safe; for ``DefaultTrainer``."""
         return cls(other.model, other.save_dir, trust_pickle=trust_pickle, save_to_disk=other.save_to_disk,
                    **other.checkpointables)
+
+    def _local(self) -> bool:
+        return "://" not in str(self.save_dir)
+
+    def _write(self, path: str, fill: Callable[[IO[bytes]], None]) -> None:
+        def writer(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                fill(f)
+
+        atomic_write(path, writer)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Write ``SAVE_DIR/{name}.pth`` (model, checkpointables, ``kwargs``, sha256) atomically, then
+        point ``last_checkpoint`` at it, as Detectron2's ``Checkpointer.save`` does."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not self._local():
+            return super().save(name, **kwargs)
+        data: dict[str, Any] = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info("Saving checkpoint to %s", path)
+        state = add_checksum(data)
+        self._write(path, lambda f: torch.save(state, f))
+        self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not self._local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        self._write(os.path.join(self.save_dir, "last_checkpoint"),
+                    lambda f: f.write(last_filename_basename.encode()))
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete the temporary files that writes killed midway left in ``save_dir`` (``.NAME.*.tmp``
+        of checkpoints and ``last_checkpoint``); call before resuming, in the writing process only."""
+        if not self.save_dir or not self._local() or not os.path.isdir(self.save_dir):
+            return []
+        stale = [os.path.join(self.save_dir, n) for n in os.listdir(self.save_dir)
+                 if n.startswith(".") and n.endswith(".tmp") and (".pth." in n or n.startswith(".last_checkpoint."))]
+        for path in stale:
+            os.unlink(path)
+            self.logger.info("removed %s, left by an interrupted checkpoint write", path)
+        return stale
+
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint ``last_checkpoint`` names; an error naming both files when it is missing
+        (Detectron2 would go on with the folder itself as the checkpoint path)."""
+        path = super().get_checkpoint_file()
+        if self._local() and self.has_checkpoint() and not os.path.isfile(path):
+            raise CheckpointError(
+                f"{os.path.join(self.save_dir, 'last_checkpoint')}: names {path!r}, which is not a file; "
+                "resume from a checkpoint explicitly (train.init_checkpoint=PATH without --resume) or "
+                "remove last_checkpoint to start over")
+        return path
 
     def _load_file(self, filename: str) -> dict[str, Any]:
         self._loading = filename

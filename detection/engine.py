@@ -3,7 +3,9 @@
 LazyConfig (``.py``, the recipes): ``do_train`` is Detectron2's ``lazyconfig_train_net`` loop:
 ``SimpleTrainer`` / ``AMPTrainer``, DDP through ``create_ddp_model``, hooks for the LR schedule,
 periodic checkpoints, periodic COCO evaluation and writers (console with ETA, TensorBoard,
-``metrics.json``), resume through the checkpointer. yacs (``.yaml``): ``ViTTrainer``, a
+``metrics.json``), resume through the checkpointer. A resumed LazyConfig run continues exactly where
+the checkpoint was taken (``ResumableLoader``, ``RandomState``): on one CPU process its weights
+equal an uninterrupted run's bit for bit. yacs (``.yaml``): ``ViTTrainer``, a
 ``DefaultTrainer`` with our optimizer, evaluator and safe checkpointer.
 
 Both paths load detector weights with ``SafeDetectionCheckpointer`` and check datasets, class
@@ -15,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -228,6 +231,67 @@ class ViTTrainer(DefaultTrainer):
 
 
 # --------------------------------------------------------------------------- LazyConfig loop
+class RandomState:
+    """The process's random generators (torch, numpy, Python) as a checkpointable.
+
+    ``state_dict`` captures them when a checkpoint is written; ``load_state_dict`` only keeps the
+    state, which ``ResumableLoader`` applies once the data loader has been brought back to the
+    checkpoint's iteration (replaying it consumes the generators too). Plain tensors and numbers,
+    so the checkpoint still loads with ``weights_only``.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss = random.getstate()
+        return {"torch": torch.get_rng_state(),
+                "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                           "gauss": gauss}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = state
+
+    def restore(self) -> None:
+        """Apply the loaded state (no-op when none was loaded)."""
+        if self.pending is None:
+            return
+        s, self.pending = self.pending, None
+        torch.set_rng_state(s["torch"])
+        n = s["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        p = s["python"]
+        random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+
+
+class ResumableLoader:
+    """A training data loader that, on resume, first replays the batches already trained on.
+
+    Detectron2 restarts its infinite sampler (and the augmentations' random draws) from the
+    beginning on resume, so a resumed run would see other batches than an uninterrupted one.
+    Replaying ``skip`` batches (as MMEngine's ``IterBasedTrainLoop`` does) brings the sampler and
+    the loading pipeline to the checkpoint's position; ``random_state.restore()`` then puts the
+    generators where they were when the checkpoint was written. Replay costs the data loading of
+    the skipped iterations (no model work).
+    """
+
+    def __init__(self, loader: Any, random_state: RandomState):
+        self.loader, self.random_state, self.skip = loader, random_state, 0
+
+    def __iter__(self):
+        it = iter(self.loader)
+        if self.skip:
+            logger.info("resume: replaying %d batches of the data loader to reach the checkpoint", self.skip)
+        for _ in range(self.skip):
+            next(it)
+        self.random_state.restore()
+        yield from it
+
+
 def do_test(cfg: Any, model: nn.Module) -> dict[str, Any]:
     """COCO evaluation of ``model`` on the config's test set: ``{"bbox": {"AP": ...}, "segm": {...}}``."""
     if not is_lazy(cfg):
@@ -246,10 +310,12 @@ def do_train(cfg: DictConfig, resume: bool = False, trust_pickle: bool = False) 
     logger.info("model:\n%s", model)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    random_state = RandomState()
+    train_loader = ResumableLoader(instantiate(cfg.dataloader.train), random_state)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trust_pickle=trust_pickle, trainer=trainer)
+    checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trust_pickle=trust_pickle, trainer=trainer,
+                                             random_state=random_state)
     main = comm.is_main_process()
     trainer.register_hooks([
         hooks.IterationTimer(),
@@ -259,8 +325,11 @@ def do_train(cfg: DictConfig, resume: bool = False, trust_pickle: bool = False) 
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if main else None,
     ])
+    if resume and main:
+        checkpointer.remove_stale_temporaries()
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    train_loader.skip = start_iter
     trainer.train(start_iter, cfg.train.max_iter)
     return trainer
 

@@ -116,7 +116,77 @@ def prepare(cfg: Config, work_dir: str | None = None, launcher: str | None = Non
         name = osp.splitext(osp.basename(config_path or cfg.filename or "segment"))[0]
         cfg.work_dir = osp.join("work_dirs", name)
     cfg.launcher = launcher or default_launcher()
+    add_reliability_hooks(cfg)
     return cfg
+
+
+RELIABILITY_HOOKS = ("SafeCheckpointHook", "FiniteLossHook")
+
+
+def add_reliability_hooks(cfg: Config) -> None:
+    """What every run gets (``segmentation.safe_loading``), whatever its config says.
+
+    - ``SafeCheckpointHook`` (plain-data checkpoints with a sha256) and ``FiniteLossHook`` (stop at
+      the first non-finite loss, before a checkpoint of it) in ``custom_hooks``;
+    - atomic checkpoint writes: the checkpoint hook's ``backend_args`` default to the
+      ``atomic_local`` backend for a local ``out_dir``.
+    """
+    hooks = list(cfg.get("custom_hooks") or [])
+    present = {h.get("type") for h in hooks}
+    hooks += [dict(type=name) for name in RELIABILITY_HOOKS if name not in present]
+    cfg.custom_hooks = hooks
+    ckpt = (cfg.get("default_hooks") or {}).get("checkpoint")
+    if ckpt is not None and not ckpt.get("backend_args") and not ckpt.get("file_client_args") \
+            and "://" not in str(ckpt.get("out_dir") or ""):
+        ckpt["backend_args"] = dict(backend="atomic_local")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Read a checkpoint the safe way before MMEngine does: refuse (``CheckpointError`` naming the
+    file) a missing, truncated or bit-flipped one (sha256 of ``SafeCheckpointHook``) and one whose
+    pickle would run code. Costs one extra read of the file."""
+    from mae_backbone.io import safe_torch_load
+
+    safe_torch_load(path)
+
+
+def resume_checkpoint(work_dir: str | os.PathLike) -> str | None:
+    """The checkpoint ``--resume`` (auto) continues from: the one ``WORK_DIR/last_checkpoint`` names.
+
+    MMEngine writes ``last_checkpoint`` with a plain ``open(..., "w")``, so a run killed at that
+    moment can leave it empty or cut; then the newest ``iter_*.pth`` / ``epoch_*.pth`` (each
+    whole: written atomically) is used instead, with a warning.  None when there is nothing to
+    resume from (the run starts from scratch, as MMEngine does).  Temporary files of writes that
+    were killed midway are removed first.
+    """
+    import re
+
+    from mmengine.logging import print_log
+
+    work_dir = Path(work_dir)
+    for stale in work_dir.glob(".*.pth.*.tmp"):  # left by a write that was killed midway
+        stale.unlink()
+        print_log(f"removed {stale}, left by an interrupted checkpoint write", logger="current")
+    tag = work_dir / "last_checkpoint"
+    named = tag.read_text().strip() if tag.is_file() else ""
+    if named and osp.isfile(named):
+        return named
+    found = []
+    for f in work_dir.glob("*.pth"):
+        m = re.fullmatch(r"(?:iter|epoch)_(\d+)\.pth", f.name)
+        if m:
+            found.append((int(m.group(1)), str(f)))
+    if not found:
+        if named:
+            raise ConfigError(f"{tag}: names {named}, which does not exist, and {work_dir} has no other "
+                              "checkpoint to resume from")
+        return None
+    newest = max(found)[1]
+    if tag.is_file():
+        print_log(f"{tag} is {'empty' if not named else 'naming a missing file ' + repr(named)} (the run was "
+                  f"probably killed while writing it): resuming from the newest checkpoint {newest}",
+                  logger="current", level=30)
+    return newest
 
 
 def _sync_bn_to_bn(node: Any) -> int:
@@ -171,14 +241,20 @@ def train(cfg: Config, resume: str | bool = False) -> Runner:
 
     Args:
         cfg: a loaded, prepared config.
-        resume: False, True / ``"auto"`` (latest checkpoint in ``work_dir``), or a checkpoint path.
+        resume: False, True / ``"auto"`` (latest checkpoint in ``work_dir``, see
+            ``resume_checkpoint``), or a checkpoint path. The checkpoint (or ``load_from``) is
+            verified first (``verify_checkpoint``).
     Returns:
         the runner after training (``runner.iter``, ``runner.model``, ``runner.message_hub``).
     """
     if resume:
-        cfg.resume = True
-        if resume not in (True, "auto"):
-            cfg.load_from = str(resume)
+        path = resume_checkpoint(cfg.work_dir) if resume in (True, "auto") else str(resume)
+        if path is not None:
+            verify_checkpoint(path)
+            cfg.resume = True
+            cfg.load_from = path
+    elif cfg.get("load_from"):
+        verify_checkpoint(cfg.load_from)
     runner = build_runner(cfg)
     runner.train()
     return runner
@@ -213,6 +289,7 @@ def test(cfg: Config, checkpoint: str) -> TestResult:
 
     if not osp.isfile(checkpoint):
         raise ConfigError(f"no such checkpoint file: {checkpoint}")
+    verify_checkpoint(checkpoint)
     evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
     for ev in evaluators:
         if ev.get("type") == "IoUMetric":
@@ -260,6 +337,7 @@ def infer(cfg: Config, checkpoint: str, image: str, out: str, device: str | None
             raise ConfigError(f"no such {what} file: {path}")
     if not 0.0 <= opacity <= 1.0:
         raise ConfigError(f"opacity must be in [0, 1], got {opacity}")
+    verify_checkpoint(checkpoint)
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     model = init_model(cfg, checkpoint, device=device)
     bgr = mmcv.imread(image)  # as MMSeg's pipeline reads it; passed as an array, read once

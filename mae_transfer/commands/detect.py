@@ -32,6 +32,12 @@ def _run(args: argparse.Namespace, work) -> int:
     except (ConfigError, DatasetError, FileNotFoundError) as exc:
         print(f"mae-transfer detect {args.action}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # Detectron2's check, before the optimizer step of that iteration
+        print(f"mae-transfer detect {args.action}: error: {str(exc).splitlines()[0]} Training stopped before "
+              "the optimizer step and before any checkpoint of that iteration: the last checkpoint in the "
+              "output folder is the last good one (resume from it with --resume, e.g. at a lower learning "
+              "rate).", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -29,10 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from mae_backbone.io import CheckpointError
     from segmentation.datasets import DatasetError
     from segmentation.engine import ConfigError
+    from segmentation.safe_loading import NonFiniteLossError
 
     try:
         return _ACTIONS[args.segment_command](args)
-    except (ConfigError, DatasetError, CheckpointError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as exc:
         return _fail(args.segment_command, exc)
     except pickle.UnpicklingError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
