@@ -1,4 +1,5 @@
-"""``mae-transfer pretrain``: MAE pretraining (``pretrain.train``) from flags and/or a config file.
+"""``mae-transfer pretrain``: MAE pretraining (``pretrain.train``) from flags and/or a config file;
+``--method mocov3`` / ``supervised`` pretrain the controlled baselines with the same options.
 
 Runs as one process, or under ``torchrun`` with one process per device on one or many nodes.
 """
@@ -28,11 +29,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = train(cfg)
-    except (DataError, TrainingDiverged, NonFiniteModelError, CheckpointError) as exc:
+    except (DataError, TrainingDiverged, NonFiniteModelError, CheckpointError, ValueError) as exc:
         print(f"mae-transfer pretrain: error: {exc}", file=sys.stderr)
         return 1
     if main_process:
-        print(f"pretrained {result.epochs_done} epochs ({result.steps} steps) in {result.output}")
+        print(f"pretrained ({cfg.method}) {result.epochs_done} epochs ({result.steps} steps) in {result.output}")
         print(f"  full checkpoint (resume, visualize): {result.checkpoint}")
         print(f"  encoder for downstream tasks:        {result.encoder}")
     return 0
@@ -43,9 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "pretrain",
-        help="MAE pretraining on a folder or list of images",
+        help="MAE pretraining (or a MoCo v3 / supervised baseline) on a folder or list of images",
         description="MAE pretraining. Defaults are the paper's recipe; every option is also a key "
-        "of --config (YAML/JSON). Resumes automatically from OUTPUT/checkpoint.pth. "
+        "of --config (YAML/JSON). --method mocov3 / supervised trains a baseline encoder with the same "
+        "budget (supervised: DATA holds train/ and val/ class folders). Resumes automatically from OUTPUT/checkpoint.pth. "
         "Multi-process: torchrun --nproc_per_node N -m mae_transfer pretrain ...",
     )
     add_arguments(p)
