@@ -7,16 +7,122 @@ pipeline. ``add_vit_config`` adds the keys ``build_mae_vit_backbone`` reads to a
 from __future__ import annotations
 
 import difflib
+import inspect
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from detectron2.config import CfgNode, LazyConfig, get_cfg
+from omegaconf import DictConfig, ListConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
     """A config that cannot be used as given (unknown key, malformed override, mismatch)."""
+
+
+# the keys of ``train`` that ``detection.engine`` and Detectron2's ``default_setup`` read; any other
+# key there would be silently ignored, so it is an error (``check_lazy_config``)
+TRAIN_KEYS = {
+    "output_dir": None, "init_checkpoint": None, "max_iter": None, "eval_period": None, "log_period": None,
+    "device": None, "seed": None, "cudnn_benchmark": None, "float32_precision": None,
+    "amp": {"enabled"}, "checkpointer": {"period", "max_to_keep", "file_prefix"}, "ddp": None,
+}
+
+
+def _suggest(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _init_params(cls: type) -> set[str] | None:
+    """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up the MRO; None when open-ended."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass is object:
+            return names
+        try:
+            params = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def call_params(target: Any) -> set[str] | None:
+    """Argument names a LazyCall target accepts (None: any, it takes ``**kwargs`` we cannot follow).
+
+    ``mae_backbone.create_vit(name, **overrides)`` passes its overrides to ``VisionTransformer``.
+    """
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        try:
+            target = locate(target)
+        except Exception:
+            return None
+    from mae_backbone import VisionTransformer, create_vit
+
+    if target is create_vit:
+        params = _init_params(VisionTransformer)
+        return None if params is None else params | {"name"}
+    if inspect.isclass(target):
+        return _init_params(target)
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _target_name(target: Any) -> str:
+    return target if isinstance(target, str) else f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+
+
+def check_lazy_config(cfg: Any, source: str = "config") -> None:
+    """Unknown keys in a LazyConfig are errors that name the key and suggest the closest valid one.
+
+    - in every ``LazyCall`` node (``_target_``): each key must be an argument of the target
+      (``model.backbone.net.dpeth`` -> did you mean 'depth'?);
+    - in ``train``: each key must be one the training loop reads (``TRAIN_KEYS``).
+
+    Raises:
+        ConfigError: naming ``source``, the dotted key and the suggestion.
+    """
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, DictConfig):
+            target = node.get("_target_") if "_target_" in node else None
+            if target is not None:
+                known = call_params(target)
+                if known is not None:
+                    for key in node.keys():
+                        if key != "_target_" and key not in known:
+                            raise ConfigError(f"{source}: unknown key {f'{path}.{key}'!r}: {_target_name(target)} has no "
+                                              f"argument {key!r}{_suggest(key, known)}")
+            for key in node.keys():
+                visit(node._get_node(key), f"{path}.{key}" if path else str(key))
+        elif isinstance(node, ListConfig):
+            for i in range(len(node)):
+                visit(node._get_node(i), f"{path}[{i}]")
+
+    visit(cfg, "")
+    train = cfg.get("train") if isinstance(cfg, DictConfig) else None
+    if isinstance(train, DictConfig):
+        for key in train.keys():
+            if key not in TRAIN_KEYS:
+                raise ConfigError(f"{source}: unknown key 'train.{key}' (the training loop would ignore it)"
+                                  f"{_suggest(key, list(TRAIN_KEYS))}")
+            sub = TRAIN_KEYS[key]
+            if sub is not None and isinstance(train[key], DictConfig):
+                for k in train[key].keys():
+                    if k not in sub:
+                        raise ConfigError(f"{source}: unknown key 'train.{key}.{k}'{_suggest(k, list(sub))}")
 
 
 def add_vit_config(cfg: CfgNode) -> CfgNode:
@@ -102,24 +208,47 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
         raise ConfigError(f"overrides must be key=value, got {', '.join(bad)}")
     if path.suffix == ".py":
         cfg = LazyConfig.load(str(path))
+        check_lazy_config(cfg, str(path))
         for item in overrides:  # LazyConfig.apply_overrides creates unknown keys; refuse typos instead
             key = item.split("=", 1)[0].lstrip("+")
             parent, _, leaf = key.rpartition(".")
             node = _select(cfg, parent) if parent else cfg
+            if node is None or not hasattr(node, "keys"):
+                raise ConfigError(f"{path.name}: no config key {key!r} to override ({parent or key!r} is not a "
+                                  "group of keys)")
             # a call's arguments may be added (model.backbone.net.depth=2); other dicts are closed
-            if node is None or not hasattr(node, "keys") or (leaf not in node and "_target_" not in node):
-                raise ConfigError(f"{path.name}: no config key {key!r} to override")
-        return LazyConfig.apply_overrides(cfg, list(overrides))
+            if leaf not in node and "_target_" not in node:
+                raise ConfigError(f"{path.name}: no config key {key!r} to override"
+                                  f"{_suggest(leaf, [str(k) for k in node.keys()])}")
+        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+        check_lazy_config(cfg, f"{path.name} with overrides")
+        return cfg
     if path.suffix in (".yaml", ".yml"):
         cfg = add_vit_config(get_cfg())
-        cfg.merge_from_file(str(path))
         pairs: list[str] = []
         for item in overrides:
             key, value = item.split("=", 1)
             pairs += [key, value]
-        cfg.merge_from_list(pairs)
+        for what, merge, arg in (("", cfg.merge_from_file, str(path)), (" (override)", cfg.merge_from_list, pairs)):
+            try:
+                merge(arg)
+            except (KeyError, AssertionError) as exc:  # yacs: "Non-existent (config) key: SOLVER.MAX_ITERS"
+                raise ConfigError(f"{path}{what}: {_yacs_hint(cfg, exc)}") from None
         return cfg
     raise ConfigError(f"{path}: a config must be a LazyConfig .py or a yacs .yaml file")
+
+
+def _yacs_hint(cfg: CfgNode, exc: Exception) -> str:
+    msg = str(exc.args[0]) if exc.args else str(exc)
+    if not msg.startswith("Non-existent"):
+        return msg
+    key = msg.rsplit(":", 1)[-1].strip()
+    parent, _, leaf = key.rpartition(".")
+    node = cfg
+    for part in parent.split(".") if parent else []:
+        node = node.get(part) if isinstance(node, CfgNode) else None
+    known = [str(k) for k in node.keys()] if isinstance(node, CfgNode) else []
+    return f"unknown config key {key!r}{_suggest(leaf, known)}" if known else msg
 
 
 def _select(cfg: Any, key: str) -> Any:

@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
+from PIL import Image
 
 IMAGE_FIELDS = ("id", "file_name", "height", "width")
 ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox")
 CATEGORY_FIELDS = ("id", "name")
+# modes Detectron2's read_image cannot turn into 8-bit RGB without losing the content (it would
+# clip 16-bit values at 255): refused, convert them to 8-bit first
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# coordinates may leave the image by this much (COCO's own annotations do, by a pixel or so)
+OUT_OF_BOUNDS_TOLERANCE = 0.02  # of the image side, plus 1 px
 
 
 class DatasetError(ValueError):
@@ -40,7 +47,13 @@ def validate_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLi
     ``categories`` lists; each image has ``id, file_name, height, width`` and its file exists
     under ``image_root``; each annotation has ``id, image_id, category_id, bbox`` with a known
     image and category, a 4-number bbox and, when present, a ``segmentation`` that is a list of
-    polygons (>= 3 points each) or an RLE dict.
+    polygons (>= 3 points each) or an RLE dict; boxes and polygons lie inside their image (up to
+    ``OUT_OF_BOUNDS_TOLERANCE``: more means the coordinates are wrong, e.g. normalized or for
+    another image size) and boxes have a non-negative size. Each image file's header is read
+    (``check_image``): unreadable, empty, 16-bit and over-sized (decompression bomb) files are
+    refused, and its size must match the json's ``width``/``height``. Grayscale, palette and CMYK
+    images are fine: Detectron2's ``read_image`` converts them to RGB. An image's pixel data is
+    only decoded in training: a file damaged after its header fails there, with PIL's error.
 
     Returns:
         ``{"images": n, "annotations": n, "thing_classes": [names in category-id order]}``.
@@ -63,6 +76,8 @@ def validate_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLi
         raise DatasetError(f"{json_file}: expected lists 'images', 'annotations' and 'categories'; "
                            f"missing or not a list: {', '.join(absent)}")
     problems: list[str] = []
+    if not data["annotations"]:
+        problems.append("'annotations' is empty: there is nothing to train or evaluate on")
     cats = {}
     for i, c in enumerate(data["categories"]):
         lacking = [f for f in CATEGORY_FIELDS if f not in c]
@@ -85,6 +100,13 @@ def validate_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLi
     if missing_files:
         problems.append(f"{len(missing_files)} image files not found under {image_root} "
                         f"(e.g. {', '.join(missing_files[:3])})")
+    else:
+        listed = list(images.values())
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            found = pool.map(lambda im: _image_problem(image_root / im["file_name"], im), listed)
+            bad_images = [msg for msg in found if msg]
+        if bad_images:
+            problems.append(f"{len(bad_images)} unusable images: " + "; ".join(bad_images[:5]))
     for i, a in enumerate(data["annotations"]):
         lacking = [f for f in ANNOTATION_FIELDS if f not in a]
         if lacking:
@@ -95,16 +117,80 @@ def validate_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLi
         if a["category_id"] not in cats:
             problems.append(f"annotations[{i}] has category_id {a['category_id']}, which is not in 'categories'")
         box = a["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        box_ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+        if not box_ok:
             problems.append(f"annotations[{i}].bbox must be [x, y, width, height], got {box!r}")
+        elif box[2] < 0 or box[3] < 0:
+            problems.append(f"annotations[{i}].bbox has a negative width or height: {box!r}")
         seg = a.get("segmentation")
-        if seg is not None and not _valid_segmentation(seg):
+        seg_ok = seg is None or _valid_segmentation(seg)
+        if not seg_ok:
             problems.append(f"annotations[{i}].segmentation must be polygons [[x1, y1, x2, y2, x3, y3, ...], ...] "
                             "or an RLE dict with 'counts' and 'size'")
+        im = images.get(a["image_id"])
+        if im is not None and box_ok:
+            xs = [box[0], box[0] + box[2]]
+            ys = [box[1], box[1] + box[3]]
+            if seg_ok and isinstance(seg, list):
+                xs += [v for poly in seg for v in poly[0::2]]
+                ys += [v for poly in seg for v in poly[1::2]]
+            if _outside(xs, im["width"]) or _outside(ys, im["height"]):
+                problems.append(
+                    f"annotations[{i}] (id {a['id']}) has a box or polygon outside its image "
+                    f"{im['file_name']} ({im['width']}x{im['height']}): x in [{min(xs):g}, {max(xs):g}], "
+                    f"y in [{min(ys):g}, {max(ys):g}]; COCO coordinates are absolute pixels")
     if problems:
         raise DatasetError(_problems_text(json_file, problems))
     return {"images": len(images), "annotations": len(data["annotations"]),
             "thing_classes": [cats[k] for k in sorted(cats)]}
+
+
+def _outside(values: list[float], side: float) -> bool:
+    tol = 1 + OUT_OF_BOUNDS_TOLERANCE * side
+    return min(values) < -tol or max(values) > side + tol
+
+
+def check_image(path: str | os.PathLike) -> tuple[int, int]:
+    """Read an image file's header; return (width, height).
+
+    Raises:
+        DatasetError: naming the file: missing, empty (0 bytes), not an image PIL can read, 16 or
+            32 bits per channel (``HIGH_DEPTH_MODES``), or more pixels than
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb, or simply too big to train on;
+            raise that limit if you mean it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: the image file is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:  # the header only
+            mode, size = im.mode, im.size
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"{path}: refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
+                           "if the image is meant to be this big") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: not a readable image ({exc})") from None
+    if mode in HIGH_DEPTH_MODES:
+        raise DatasetError(f"{path}: a {mode} image (16/32 bits per channel); Detectron2 reads images as 8-bit "
+                           "RGB and would clip it: convert it to 8-bit")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise DatasetError(f"{path}: refused, {size[0]}x{size[1]} pixels is more than PIL.Image.MAX_IMAGE_PIXELS "
+                           f"({limit}); raise that limit if the image is meant to be this big")
+    return size
+
+
+def _image_problem(path: Path, entry: dict[str, Any]) -> str | None:
+    try:
+        w, h = check_image(path)
+    except DatasetError as exc:
+        return str(exc)
+    if (w, h) != (entry["width"], entry["height"]):
+        return (f"{path}: is {w}x{h} but the json says {entry['width']}x{entry['height']} "
+                "(width x height)")
+    return None
 
 
 def _valid_segmentation(seg: Any) -> bool:
