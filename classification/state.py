@@ -4,8 +4,8 @@ evaluate.
 - ``checkpoint.pth`` (``save_training_state``): model, optimizer, grad scaler, EMA weights,
   ``epoch`` (epochs completed), ``step`` (optimizer steps completed = the schedule position),
   counters, the per-epoch history, the class names and the resolved config.  Tensors, numbers,
-  strings and containers only (read with ``safe_torch_load``), written atomically, never from
-  a model with non-finite weights.  With all randomness of an epoch a pure function of
+  strings and containers only (read with ``safe_torch_load``, which verifies its sha256), written
+  atomically, never from a model with non-finite weights.  With all randomness of an epoch a pure function of
   ``(seed, epoch)``, this is the whole state: a resumed run ends bit for bit where the
   uninterrupted one ends (on CPU).
 - ``model.safetensors`` (``export_model``): the classifier in the mae_backbone format, a plain
@@ -26,21 +26,23 @@ import torch
 from torch import nn
 
 from classification.models import ClassifierViT, build_classifier, describe_model, fold_bn_head
-from mae_backbone import CheckpointError, atomic_torch_save, safe_torch_load
+from mae_backbone import CheckpointError, safe_torch_load
 from mae_backbone.checkpoint import infer_arch, load_checkpoint, read_checkpoint, save_checkpoint
 from pretrain.state import (
     NonFiniteModelError,
     load_model_strict,
     nonfinite_parameters,
     restore_model_and_optimizer,
+    check_state_checksum,
     resumable_state,
+    write_state,
 )
 
 CHECKPOINT_NAME = "checkpoint.pth"
 MODEL_NAME = "model.safetensors"
 EMA_MODEL_NAME = "model_ema.safetensors"
 STATE_FORMAT = "mae-transfer/classify"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: with a checksum (mae_backbone.io.CHECKSUM_KEY)
 
 
 def _cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,15 +70,16 @@ def save_training_state(
     state = resumable_state(path, model, optimizer, scaler, epoch, step, counters, config)
     state.update(ema=_cpu(ema.module.state_dict()) if ema is not None else None, history=[dict(r) for r in history],
                  classes=list(classes), format=STATE_FORMAT, version=STATE_VERSION)
-    return atomic_torch_save(state, path)
+    return write_state(state, path)
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Read a ``checkpoint.pth`` written by ``save_training_state``."""
-    state = safe_torch_load(path)
+    state = safe_torch_load(path)  # verifies the checksum
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "optimizer" not in state:
         raise CheckpointError(f"{path}: not a classification training checkpoint (written by mae-transfer "
                               "finetune/linprobe); to start from pretrained weights use --checkpoint")
+    check_state_checksum(state, path)
     return state
 
 

@@ -86,9 +86,24 @@ def list_images(source: str | os.PathLike) -> list[Path]:
     return files
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB (raises whatever PIL raises on a bad file)."""
+    """Open and fully decode an image as 8-bit RGB (raises whatever PIL raises on a bad file).
+
+    Grayscale, palette, CMYK and alpha images are converted by Pillow; 16-bit grayscale (``I;16``,
+    or ``I`` as older Pillow opens 16-bit PNGs) is scaled from 0..65535 to 0..255, where Pillow's
+    own conversion would clip everything above 255 to white.  Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``) applies: a larger image raises ``DecompressionBombError``.
+    """
     with Image.open(path) as img:
+        if img.mode in _SIXTEEN_BIT:
+            import numpy as np
+
+            values = np.asarray(img, dtype=np.float64)
+            gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+            return Image.fromarray(gray).convert("RGB")
         return img.convert("RGB")
 
 

@@ -4,7 +4,10 @@ accumulation, non-finite loss handling.
 Each optimizer step takes ``accum_iter`` micro-batches.  After each micro-batch's forward, the
 processes agree (one small all-reduce) on whether every loss was finite; if not, the step is
 skipped everywhere (no backward, gradients dropped, no optimizer update), counted, and the run
-stops after ``max_nonfinite`` such steps in a row.  The schedule position advances either way.
+stops after ``max_nonfinite`` such steps in a row.  A finite loss whose gradient is not finite
+(an overflow in the backward pass) is treated the same way in fp32 / bf16, so a NaN never reaches
+the weights; with fp16 the grad scaler already skips such steps and lowers its scale (that is its
+calibration, not counted).  The schedule position advances either way.
 
 What differs between the tasks (the learning-rate schedule, how a micro-batch becomes a loss,
 what follows a good step) comes from the ``setup`` (a ``StepRecipe``): ``StepSetup`` here for
@@ -209,10 +212,19 @@ def train_one_epoch(
                     else:
                         scaler.scale(loss / setup.accum_iter).backward()  # type: ignore[operator]
                         step_loss += loss_sum / info.world_size / setup.accum_iter
+            bad_grad = False
             if ok:
                 if setup.clip_grad:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, setup.clip_grad)
+                    norm = torch.nn.utils.clip_grad_norm_(params, setup.clip_grad)
+                elif not scaler.is_enabled():
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                else:
+                    norm = None
+                # after DDP's all-reduce every process holds the same gradient: the same decision
+                bad_grad = norm is not None and not scaler.is_enabled() and not bool(torch.isfinite(norm))
+                ok = not bad_grad
+            if ok:
                 scaler.step(optimizer)
                 scaler.update()
                 setup.after_step(model, counters.step)
@@ -227,12 +239,14 @@ def train_one_epoch(
                 counters.nonfinite_steps += 1
                 counters.nonfinite_in_a_row += 1
                 stats.nonfinite_steps += 1
-                logger.warning("step %d skipped: non-finite loss (%d in a row)", counters.step, counters.nonfinite_in_a_row)
+                logger.warning("step %d skipped: non-finite %s (%d in a row)", counters.step,
+                               "gradient" if bad_grad else "loss", counters.nonfinite_in_a_row)
             optimizer.zero_grad(set_to_none=True)
             counters.step += 1
             if counters.nonfinite_in_a_row >= setup.max_nonfinite:
                 raise TrainingDiverged(
                     f"stopping: {counters.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss "
+                    "or gradient "
                     f"(epoch {epoch + 1}, step {counters.step}, lr {lr:.3g}). The last checkpoint was not "
                     f"overwritten. {setup.diverged_hint}"
                 )

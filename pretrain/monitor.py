@@ -3,7 +3,8 @@
 Only the main process writes; the others get a ``Monitor`` whose methods do nothing.
 ``log.jsonl`` has one record per line with a ``type``: ``run`` (start: world size, effective
 batch, lr, dataset size), ``step`` (every ``log_every`` optimizer steps: loss, lr) and ``epoch``
-(mean loss, img/s, skipped images, non-finite steps).
+(mean loss, img/s, skipped images, non-finite steps).  A run killed in the middle of a write
+may leave a cut last line; the next run starts on a new line, so every other line stays valid JSON.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Monitor:
         self.enabled = enabled
         self.show_progress = enabled and progress
         self.writer = None
+        self._line_checked = False
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -45,8 +47,15 @@ class Monitor:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.output / LOG_NAME, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.output / LOG_NAME, "a+b") as f:
+            text = json.dumps(record) + "\n"
+            if not self._line_checked:  # a cut line left by a killed run: end it first
+                self._line_checked = True
+                if f.tell() > 0:
+                    f.seek(-1, 2)
+                    if f.read(1) != b"\n":
+                        text = "\n" + text
+            f.write(text.encode())
 
     def scalars(self, step: int, prefix: str, values: dict[str, float]) -> None:
         """TensorBoard scalars ``prefix/name`` at ``step``."""

@@ -5,8 +5,10 @@ The checkpoint (``checkpoint.pth``) is the official MAE layout ``{"model": state
 (epochs completed), ``step`` (optimizer steps completed, i.e. the schedule position),
 ``counters``, ``config`` (the run's options) and ``model_config`` (``MaskedAutoencoderViT``
 arguments).  It holds only tensors, numbers, strings and containers, so it is read with
-``safe_torch_load`` (weights_only); it is written atomically, and never from a model with a
-non-finite weight.
+``safe_torch_load`` (weights_only) and carries a sha256 of its whole content
+(``mae_backbone.io.add_checksum``), verified on every load; it is written atomically (temporary
+files of a write that was killed are removed by the next successful one), and never from a
+model with a non-finite weight.
 
 Checkpoints are taken at epoch boundaries.  All randomness of an epoch (data order,
 augmentations, masks, and torch / numpy / python generators, re-seeded at each epoch start) is a
@@ -24,13 +26,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from mae_backbone import CheckpointError, atomic_torch_save, safe_torch_load
+from mae_backbone.io import (
+    CHECKSUM_KEY,
+    CheckpointError,
+    add_checksum,
+    atomic_torch_save,
+    remove_stale_temporaries,
+    safe_torch_load,
+)
 from pretrain.data import mix_seed
 
 CHECKPOINT_NAME = "checkpoint.pth"
 ENCODER_NAME = "encoder.safetensors"
 STATE_FORMAT = "mae-transfer/pretrain"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: with a checksum (CHECKSUM_KEY)
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +115,32 @@ def save_training_state(
     state = resumable_state(path, model, optimizer, scaler, epoch, step, counters, config)
     state.update(model_config=model.config() if hasattr(model, "config") else {}, format=STATE_FORMAT,
                  version=STATE_VERSION)
-    return atomic_torch_save(state, path)
+    return write_state(state, path)
+
+
+def write_state(state: dict[str, Any], path: str | Path) -> Path:
+    """Write a training state with its checksum, atomically; then remove what killed writes of
+    ``path`` left behind (only the main process writes it)."""
+    written = atomic_torch_save(add_checksum(state), path)
+    for stale in remove_stale_temporaries(path):
+        logger.info("removed %s, left by an interrupted write", stale)
+    return written
+
+
+def check_state_checksum(state: Mapping[str, Any], path: str | Path) -> None:
+    """A state of version 2 or later must carry its checksum (``safe_torch_load`` verified it)."""
+    if int(state.get("version", 1)) >= 2 and CHECKSUM_KEY not in state:
+        raise CheckpointError(f"{path}: has no checksum although its version ({state.get('version')}) "
+                              "writes one; the file is damaged; it was not loaded")
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_training_state`` (or an official ``{"model": sd}``)."""
-    state = safe_torch_load(path)
+    state = safe_torch_load(path)  # verifies the checksum
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a pretraining checkpoint (no 'model' state dict)")
+    if state.get("format") == STATE_FORMAT:
+        check_state_checksum(state, path)
     return state
 
 
