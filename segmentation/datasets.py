@@ -14,6 +14,10 @@ run, and any script of a user's own), that the image and annotation folders exis
 image has its label map, and that every label map's values lie in the class range: with
 ``reduce_zero_label`` (ADE20K) raw 0 = ignore, raw 1..K -> classes 0..K-1, raw 255 = ignore;
 without it 0..K-1 and 255.  A violation raises ``DatasetError`` naming the files and values.
+Every image's header is read too (``check_images``): an empty, unreadable or over-sized
+(``PIL.Image.MAX_IMAGE_PIXELS``, a decompression bomb) image, or one whose size differs from its
+label map's, raises ``DatasetError`` naming it.  Grayscale, CMYK and 16-bit images are fine: MMSeg
+reads images with OpenCV as 8-bit BGR (16-bit values scaled down, CMYK converted).
 Doing this in the dataset rather than in the CLI is deliberate: the dataset is the one place that
 knows the final folders, suffixes and label semantics (``reduce_zero_label``, ``label_map``).
 """
@@ -86,6 +90,53 @@ def check_label_maps(
                            f"(allowed: {rule}): {listed}{more}")
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from an image file's header.
+
+    Raises:
+        DatasetError: naming the file: empty, not an image, or more pixels than
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (raise that limit if the image is meant to be this big).
+    """
+    if osp.getsize(path) == 0:
+        raise DatasetError(f"{path}: the file is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:  # the header only
+            size = im.size
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"{path}: refused, too many pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: not a readable image ({exc})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise DatasetError(f"{path}: refused, {size[0]}x{size[1]} pixels is more than PIL.Image.MAX_IMAGE_PIXELS "
+                           f"({limit}); raise that limit if the image is meant to be this big")
+    return size
+
+
+def check_images(pairs: Sequence[tuple[str, str | None]], workers: int | None = None) -> None:
+    """Raise ``DatasetError`` naming up to 10 unusable (image, label map) pairs (see ``image_size``),
+    including images whose size differs from their label map's."""
+
+    def problem(pair: tuple[str, str | None]) -> str | None:
+        img, seg = pair
+        try:
+            size = image_size(img)
+            if seg is not None:
+                seg_size = image_size(seg)
+                if seg_size != size:
+                    return f"{img} is {size[0]}x{size[1]} but its label map {seg} is {seg_size[0]}x{seg_size[1]}"
+        except DatasetError as exc:
+            return str(exc)
+        return None
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = [r for r in pool.map(problem, pairs) if r is not None]
+    if found:
+        more = f"; ... ({len(found)} in all)" if len(found) > 10 else ""
+        raise DatasetError(f"{len(found)} of {len(pairs)} images are unusable: {'; '.join(found[:10])}{more}")
+
+
 class _CheckedLayout:
     """Mixin for ``BaseSegDataset`` subclasses: check folders and label maps in ``load_data_list``."""
 
@@ -115,7 +166,8 @@ class _CheckedLayout:
             if self.check_labels:
                 start = time.perf_counter()
                 check_label_maps(seg_maps, self._raw_num_classes(), self.reduce_zero_label)
-                print_log(f"{name}: {len(seg_maps)} label maps in {ann_dir} checked in "
+                check_images([(d["img_path"], d["seg_map_path"]) for d in data_list])
+                print_log(f"{name}: {len(seg_maps)} images and label maps in {ann_dir} checked in "
                           f"{time.perf_counter() - start:.1f} s", logger="current")
         return data_list
 
@@ -131,9 +183,9 @@ class CheckedADE20KDataset(_CheckedLayout, ADE20KDataset):
     """MMSeg's ``ADE20KDataset`` (``reduce_zero_label=True``) with the checks of this module.
 
     Args:
-        check_labels: read every label map once when the dataset is built (about 20k PNGs for
-            ADE20K training: seconds to a minute, in parallel threads); False skips only the value
-            check, not the folder checks.
+        check_labels: read every label map once and every image's header when the dataset is
+            built (about 20k PNGs for ADE20K training: seconds to a minute, in parallel threads);
+            False skips these, not the folder checks.
         **kwargs: as ``ADE20KDataset`` (``data_root``, ``data_prefix``, ``pipeline``, ...).
     """
 

@@ -71,7 +71,60 @@ def load_config(path: str | os.PathLike, options: Sequence[str] | dict[str, Any]
             raise ConfigError(f"--cfg-options: unknown top-level key {top!r} in {key!r}{hint}")
     if opts:
         cfg.merge_from_dict(opts)
+    check_model_keys(cfg.get("model"), str(path))
     return cfg
+
+
+def _init_params(cls: type) -> set[str] | None:
+    """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up the MRO; None when open-ended."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass is object:
+            return names
+        try:
+            params = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def check_model_keys(model: Any, source: str = "config") -> None:
+    """Every key of a ``type=...`` dict in the model config is an argument of that class.
+
+    MMEngine would otherwise fail deep in the build with a ``TypeError`` (or, for classes taking
+    ``**kwargs``, ignore the key).  Dicts under ``*_cfg`` keys (``norm_cfg``, ``init_cfg``,
+    ``train_cfg`` ...) are read by builders with their own keys and are not checked.
+
+    Raises:
+        ConfigError: naming the file, the dotted key and the closest valid argument.
+    """
+    from mmseg.registry import MODELS
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            kind = node.get("type")
+            cls = kind if isinstance(kind, type) else MODELS.get(kind) if isinstance(kind, str) else None
+            known = _init_params(cls) if isinstance(cls, type) else None
+            if known is not None:
+                for key in node:
+                    if key not in ("type", "_scope_", "_delete_") and key not in known:
+                        close = difflib.get_close_matches(key, sorted(known), n=1)
+                        hint = f"; did you mean {close[0]!r}?" if close else ""
+                        raise ConfigError(f"{source}: unknown key {f'{path}.{key}'!r}: {cls.__name__} has no "
+                                          f"argument {key!r}{hint}")
+            for key, value in node.items():
+                if not str(key).endswith("_cfg"):
+                    visit(value, f"{path}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                visit(value, f"{path}[{i}]")
+
+    visit(model, "model")
 
 
 def _datasets(cfg: Config) -> list[Any]:

@@ -13,7 +13,7 @@ PREFIX = dict(img_path="images/training", seg_map_path="annotations/training")
 
 
 def _set_label(root, name, values, mode="L"):
-    arr = np.asarray(values, dtype=np.uint8).reshape(1, -1).repeat(4, 0)
+    arr = np.resize(np.asarray(values, dtype=np.uint8), (64, 64))  # the image's size
     Image.fromarray(arr, mode=mode).save(root / "annotations" / "training" / name)
 
 
@@ -59,7 +59,7 @@ def test_without_reduce_zero_label_the_range_is_0_to_k_minus_1(small_root):
 
 
 def test_missing_or_multichannel_label_maps_and_missing_classes(small_root):
-    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb = np.zeros((64, 64, 3), np.uint8)
     Image.fromarray(rgb, mode="RGB").save(small_root / "annotations" / "training" / "img_001.png")
     with pytest.raises(DatasetError, match=r"img_001.png: a label map must have one channel"):
         CheckedADE20KDataset(data_root=str(small_root), data_prefix=PREFIX, pipeline=[])
