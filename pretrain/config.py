@@ -145,6 +145,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.moco_momentum <= 1.0:
             raise ValueError(f"moco_momentum must be in [0, 1], got {self.moco_momentum}")
+        if self.method == "mocov3" and self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2 with --method mocov3 (the other images are the negatives)")
         unused = [n for n in fields() if (n in MAE_ONLY and self.method != "mae" or
                                           n in MOCO_ONLY and self.method != "mocov3")
                   and getattr(self, n) != _FIELDS[n].default]

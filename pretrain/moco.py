@@ -244,14 +244,16 @@ class MocoStepSetup:
         return lr
 
     def micro_batch(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> MicroBatch:
-        """``batch["images"]``: [N, 2, C, H, W] from ``TwoCrops``."""
+        """``batch["images"]``: [N, 2, C, H, W] from ``TwoCrops``.  A micro-batch left with one
+        readable image counts as empty (no negative for InfoNCE, no batch statistics for BN)."""
 
         def loss() -> torch.Tensor:
             views = batch["images"].to(device, non_blocking=True)
             with amp_autocast(device, self.amp_dtype):
                 return model(views[:, 0], views[:, 1])
 
-        return len(batch["seeds"]), loss
+        n = len(batch["seeds"])
+        return (n if n >= 2 else 0), loss
 
     def after_step(self, model: nn.Module, step: int) -> None:
         moco = model.module if hasattr(model, "module") else model

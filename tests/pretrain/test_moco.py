@@ -177,3 +177,15 @@ def test_moco_run_writes_a_strict_encoder_that_trained_and_resumes_exactly(tmp_p
     b = torch.load(tmp_path / "half" / CHECKPOINT_NAME, weights_only=True)["model"]
     assert any(k.startswith("momentum_encoder.") for k in a)
     assert_weights_close(a, b)
+
+
+def test_a_micro_batch_of_one_image_is_an_empty_step_and_batch_one_is_refused():
+    setup = MocoStepSetup(lr_at=lambda s: 0.0, momentum=0.99, total_steps=1, accum_iter=1, amp_dtype=None,
+                          clip_grad=None, max_nonfinite=1, log_every=1, epochs=1)
+    one = {"images": torch.randn(1, 2, 3, 32, 32), "seeds": torch.tensor([7]), "failures": []}
+    two = {"images": torch.randn(2, 2, 3, 32, 32), "seeds": torch.tensor([7, 8]), "failures": []}
+    assert setup.micro_batch(tiny_moco(), one, torch.device("cpu"))[0] == 0  # no negative, no BN statistics
+    n, loss = setup.micro_batch(tiny_moco(), two, torch.device("cpu"))
+    assert n == 2 and torch.isfinite(loss())
+    with pytest.raises(ValueError, match="batch_size must be at least 2 with --method mocov3"):
+        make_config({**TINY_MOCO_RUN, "data": "d", "output": "o", "batch_size": 1})
