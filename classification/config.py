@@ -204,6 +204,12 @@ class ClassifyConfig:
         if bad:
             raise ValueError(f"model_kwargs: set {', '.join(bad)} with their own options (--img-size, --pool, "
                              "--drop-path), not inside model_kwargs")
+        known = _vit_options()
+        for key in self.model_kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"model_kwargs: {key!r} is not a ViT option{hint} (options: {', '.join(sorted(known))})")
         if self.protocol == "linprobe":
             changed = [n for n, f in _FIELDS.items() if f.metadata["finetune_only"] and getattr(self, n) != _default(n)]
             if changed:
@@ -222,6 +228,16 @@ class ClassifyConfig:
 
 
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(ClassifyConfig)}
+
+
+def _vit_options() -> set[str]:
+    """The ``VisionTransformer`` arguments ``model_kwargs`` may set (not those the protocol sets)."""
+    import inspect
+
+    from mae_backbone.vit import VisionTransformer
+
+    params = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self", "args", "kwargs"}
+    return params - {"img_size", "num_classes", "global_pool", "drop_path_rate"}
 
 
 def _default(name: str) -> Any:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fault_harness import FailingFile
+from fault_harness import EXPECTED, SUFFIX, FailingFile, kill_plan, same_state, write_kind
 from mae_backbone import io as mio
 from mae_backbone.checkpoint import read_checkpoint
 from mae_backbone.io import CheckpointWriteError
@@ -56,44 +56,6 @@ def start(kill: str, argv: list[str]) -> subprocess.Popen:
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out + err
-
-
-def kill_plan(seed: int, epochs: int, steps_per_epoch: int) -> list[tuple[str, int]]:
-    """Seeded kill points: (harness spec, epochs the checkpoint holds after the kill).  Each kill
-    leaves at least one epoch to do; kinds: after an optimizer step, in the middle of writing the
-    checkpoint (a random fraction of its bytes), and between the whole write and the rename."""
-    rng = random.Random(seed)
-    saved, plan = 0, []
-    for kind in ("step", "write", "replace"):
-        left = epochs - saved
-        if left <= 1:
-            break
-        if kind == "step":
-            n = rng.randint(1, (left - 1) * steps_per_epoch)
-            spec, saved = f"step:{n}", saved + (n - 1) // steps_per_epoch
-        elif kind == "write":
-            w = rng.randint(1, left - 1)
-            spec, saved = f"write:{w}:{rng.uniform(0.02, 0.98):.3f}", saved + w - 1
-        else:
-            r = rng.randint(1, left - 1)
-            spec, saved = f"replace:{r}", saved + r - 1
-        plan.append((spec, saved))
-    return plan
-
-
-def same_state(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            same_state(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            same_state(x, y, f"{where}/{i}")
-    else:
-        assert a == b, where
 
 
 def log_records(out: Path, kind: str) -> list[dict]:
@@ -313,47 +275,6 @@ def test_nonfinite_gradients_in_a_row_stop_the_run_and_keep_the_checkpoint(tmp_p
 
 
 # --------------------------------------------------------------------------- images
-def write_kind(path: Path, kind: str) -> Path:
-    """One file of a kind of image (or non-image) the readers meet in the wild."""
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
-    if kind == "corrupt":
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 256, 200, dtype=np.uint8)))
-    elif kind == "truncated_jpeg":
-        Image.fromarray(rgb).save(path.with_suffix(".tmp.jpg"), quality=90)
-        data = path.with_suffix(".tmp.jpg").read_bytes()
-        path.with_suffix(".tmp.jpg").unlink()
-        path.write_bytes(data[: len(data) // 2])
-    elif kind == "zero_bytes":
-        path.write_bytes(b"")
-    elif kind == "text":
-        path.write_text("not an image\n")
-    elif kind == "grayscale":
-        Image.new("L", (36, 40), 100).save(path)
-    elif kind == "cmyk":
-        Image.new("CMYK", (36, 40), (0, 255, 0, 0)).save(path, quality=95)
-    elif kind == "sixteen_bit":
-        Image.fromarray(np.full((40, 36), 100 * 257, dtype=np.uint16)).save(path)
-    elif kind == "rgba":
-        Image.fromarray(np.dstack([rgb, np.full((40, 36), 7, np.uint8)])).save(path)
-    elif kind == "palette":
-        Image.fromarray(rgb).convert("P").save(path)
-    elif kind == "tiny":
-        Image.new("RGB", (1, 1), (10, 200, 30)).save(path)
-    elif kind == "huge":
-        Image.new("RGB", (80, 80), (1, 2, 3)).save(path)  # over the (test-lowered) bomb limit
-    else:
-        raise ValueError(kind)
-    return path
-
-
-SUFFIX = {"truncated_jpeg": ".jpg", "cmyk": ".jpg"}
-# what each kind becomes: a pixel of the RGB image, or "skipped"
-EXPECTED = {"corrupt": "skipped", "truncated_jpeg": "skipped", "zero_bytes": "skipped", "text": "skipped",
-            "huge": "skipped", "grayscale": (100, 100, 100), "cmyk": (255, 0, 255), "sixteen_bit": (100, 100, 100),
-            "rgba": None, "palette": None, "tiny": (10, 200, 30)}
-
-
 @pytest.fixture
 def bomb_limit(monkeypatch):
     """Pillow's decompression-bomb limit lowered so that an 80x80 image is over twice of it (an
