@@ -331,6 +331,12 @@ def do_train(cfg: DictConfig, resume: bool = False, trust_pickle: bool = False) 
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     train_loader.skip = start_iter
     trainer.train(start_iter, cfg.train.max_iter)
+    prefix = cfg.train.checkpointer.get("file_prefix", "model")
+    if main and start_iter >= cfg.train.max_iter and not checkpointer.path_manager.exists(
+            os.path.join(cfg.train.output_dir, f"{prefix}_final.pth")):
+        # the run had finished its last iteration but was killed before (or while) writing the
+        # final checkpoint: the last periodic one holds the same state
+        checkpointer.save(f"{prefix}_final", iteration=cfg.train.max_iter - 1)
     return trainer
 
 
