@@ -22,6 +22,7 @@ COMMANDS = (
     "mae_transfer.commands.visualize",
     "mae_transfer.commands.finetune",
     "mae_transfer.commands.demo",
+    "mae_transfer.commands.bench",
     "mae_transfer.commands.detect",
     "mae_transfer.commands.segment",
 )

@@ -1,0 +1,111 @@
+"""The demo's runner: progress, failed stages, Ctrl-C, and what the report embeds."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from mae_transfer.demo import (
+    STAGES,
+    Arch,
+    DemoContext,
+    DemoPlan,
+    checkpoint_arch,
+    plot_curves,
+    run_demo,
+)
+
+
+def _record(task, mae, random):
+    def stage(ctx: DemoContext) -> None:
+        for metric_key, values in ((f"{task}:top-1" if task != "detect" else "detect:AP box", (mae, random)),):
+            ctx.results[metric_key] = {"mae": values[0], "random": values[1]}
+        ctx.figures[f"{task}: training loss"] = plot_curves(
+            {"MAE": [(1.0, 2.0), (2.0, 1.0)], "random init": [(1.0, 2.0), (2.0, 1.5)]}, task, "epoch",
+            ctx.out / "figures" / f"{task}_loss.png")
+    return stage
+
+
+def _boom(ctx: DemoContext) -> None:
+    raise RuntimeError("segmentation exploded\nsecond line")
+
+
+def _interrupt(ctx: DemoContext) -> None:
+    raise KeyboardInterrupt
+
+
+def test_failed_stage_is_reported_and_the_others_still_run(tmp_path):
+    stages = {"finetune": ("fine-tuning", _record("finetune", 61.5, 40.25), 1),
+              "segment": ("segmentation", _boom, 1),
+              "linprobe": ("linear probing", _record("linprobe", 55.0, 30.0), 1)}
+    lines = []
+    ctx = run_demo(tmp_path, stages=stages, log=lines.append)
+    assert ctx.errors == {"segment": "RuntimeError: segmentation exploded"}
+    assert ctx.results["linprobe:top-1"] == {"mae": 55.0, "random": 30.0}  # ran after the failure
+    report = (tmp_path / "report.md").read_text()
+    assert "| segmentation | **failed** | `RuntimeError: segmentation exploded` |" in report
+    assert "| fine-tuning | top-1 (%) | 61.50 | 40.25 | MAE higher |" in report
+    assert "| linear probing | top-1 (%) | 55.00 | 30.00 | MAE higher |" in report
+    assert "Interrupted" not in report
+    assert "Traceback" in (tmp_path / "error_segment.txt").read_text()
+    assert any("FAILED" in line and "segmentation" in line for line in lines)
+    # progress lines name the stage, its number and an ETA
+    assert re.search(r"\[2/3\] segmentation \.\.\. \(elapsed \d+ s, ETA \d+ s\)", "\n".join(lines))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["finished"] is True and saved["errors"]["segment"].startswith("RuntimeError")
+
+
+def test_ctrl_c_writes_the_report_of_what_finished(tmp_path):
+    stages = {"finetune": ("fine-tuning", _record("finetune", 70.0, 35.0), 1),
+              "detect": ("detection", _interrupt, 1),
+              "linprobe": ("linear probing", _record("linprobe", 1.0, 2.0), 1)}
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path, stages=stages, log=lambda s: None)
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("**Interrupted**") == 1
+    assert "| fine-tuning | top-1 (%) | 70.00 | 35.00 | MAE higher |" in report
+    assert "linear probing" not in report.split("## Timings")[0]  # never started
+    assert json.loads((tmp_path / "results.json").read_text())["finished"] is False
+
+
+def test_report_embeds_existing_pngs_and_the_results_chart(tmp_path):
+    stages = {"finetune": ("fine-tuning", _record("finetune", 50.0, 50.0), 1),
+              "detect": ("detection", _record("detect", 3.0, 4.0), 1)}
+    run_demo(tmp_path, stages=stages, log=lambda s: None)
+    report = (tmp_path / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert "figures/results.png" in images and "figures/finetune_loss.png" in images
+    for rel in images:
+        assert (tmp_path / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| fine-tuning | top-1 (%) | 50.00 | 50.00 | tie |" in report
+    assert "| detection | AP box | 3.00 | 4.00 | random init higher |" in report
+
+
+def test_demo_stages_and_quick_plan():
+    assert list(STAGES) == ["data", "pretrain", "finetune", "linprobe", "partial", "segment", "detect"]
+    quick, full = DemoPlan.make(True), DemoPlan.make(False)
+    assert quick.pretrain_epochs < full.pretrain_epochs
+    assert quick.recipe.det_iters < full.recipe.det_iters and quick.recipe.seg_iters < full.recipe.seg_iters
+    # MAE and random init share one recipe object: only the checkpoint differs
+    assert full.recipe.layer_decay("detect", _bb()) == full.recipe.layer_decay("detect", _bb("x.safetensors"))
+
+
+def _bb(path=None):
+    from pathlib import Path
+
+    from mae_transfer.demo import Backbone
+
+    return Backbone("b", Path(path) if path else None)
+
+
+def test_checkpoint_arch_reads_overrides_and_sizes(tmp_path):
+    from mae_backbone import create_vit
+    from mae_backbone.checkpoint import save_checkpoint
+
+    small = tmp_path / "small.safetensors"
+    save_checkpoint(create_vit("vit_tiny_patch16", depth=2, patch_size=8, img_size=32), small)
+    arch = checkpoint_arch(small)
+    assert arch == Arch.make("vit_tiny_patch16", depth=2, patch_size=8)
+    assert arch.size is None and arch.dims["depth"] == 2
+    assert Arch.make("vit_base_patch16").size == "B" and Arch.make("vit_base_patch16", depth=6).size is None
