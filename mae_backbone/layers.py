@@ -65,6 +65,9 @@ class Attention(nn.Module):
 
     ``forward(x, hw, num_prefix)``: ``x`` is [B, P+H*W, D] with P prefix tokens (class token)
     first.  The relative bias covers spatial tokens only (zero to and from prefix tokens).
+    With the bias, ``rel_pos_impl`` picks how it is applied: ``"fused"`` (default) folds it into
+    the queries and keys (``rel_pos_qkv``) so the fused attention kernel runs without an
+    [N, N] mask; ``"mask"`` builds the [B, heads, N, N] additive mask (reference, more memory).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_size: int = 0):
@@ -81,19 +84,79 @@ class Attention(nn.Module):
             # zero init: a plain MAE checkpoint behaves exactly as without the bias
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
+        self.rel_pos_impl = "fused"  # or "mask"; see ``set_rel_pos_impl``
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, hd]
-        mask = None
-        if self.use_rel_pos:
+        if not self.use_rel_pos:
+            x = F.scaled_dot_product_attention(q, k, v)
+        elif self.rel_pos_impl == "fused":
+            q, k, v = rel_pos_qkv(q, k, v, self.rel_pos_h, self.rel_pos_w, hw, num_prefix, self.scale)
+            x = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., : self.head_dim]
+        else:  # "mask": the [B, heads, N, N] additive bias (reference path)
             bias = rel_pos_bias(q[:, :, num_prefix:] * self.scale, self.rel_pos_h, self.rel_pos_w, hw)
             if num_prefix:
                 bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
-            mask = bias.to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+def rel_pos_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    hw: tuple[int, int],
+    num_prefix: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold the decomposed relative bias into queries and keys, so no [N, N] mask is built.
+
+    The bias of query ``(i, j)`` to key ``(k, l)`` is ``bias_h[(i, j), k] + bias_w[(i, j), l]``
+    (``rel_pos_bias``).  Appending ``bias_h``, ``bias_w`` to each query and the one-hot row /
+    column of each key to each key makes ``q' . k' = scale * q . k + bias``; prefix tokens get
+    zeros (no bias to or from them).  Values are zero-padded to the same width (fused CPU kernels
+    want equal widths) and widths are padded to a multiple of 8 (GPU kernels).
+
+    Args:
+        q, k, v: [B, heads, P+H*W, C].
+        rel_pos_h, rel_pos_w: [2S-1, C] tables.
+        hw: (H, W) of the token grid; num_prefix: P; scale: the attention scale.
+    Returns:
+        q', k', v' of width ``C + H + W`` rounded up to 8: use with ``scale=1`` and keep the first
+        C channels of the output.
+    """
+    h, w = hw
+    b, nh, n, c = q.shape
+    qs = q * scale
+    r_h = _rel_pos_axis(rel_pos_h, h, h).to(q.dtype)  # [H, H, C]
+    r_w = _rel_pos_axis(rel_pos_w, w, w).to(q.dtype)  # [W, W, C]
+    qsp = qs[:, :, num_prefix:].reshape(b, nh, h, w, c)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", qsp, r_h).reshape(b, nh, h * w, h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", qsp, r_w).reshape(b, nh, h * w, w)
+    width = c + h + w
+    extra = -width % 8
+    q_bias = F.pad(torch.cat([bias_h, bias_w], dim=-1), (0, extra, num_prefix, 0))
+    rows = torch.arange(h * w, device=q.device)
+    onehot = torch.zeros(n, h + w + extra, dtype=q.dtype, device=q.device)
+    onehot[num_prefix + rows, rows // w] = 1
+    onehot[num_prefix + rows, h + rows % w] = 1
+    q2 = torch.cat([qs, q_bias], dim=-1)
+    k2 = torch.cat([k, onehot.expand(b, nh, n, -1)], dim=-1)
+    v2 = F.pad(v, (0, h + w + extra))
+    return q2, k2, v2
+
+
+def set_rel_pos_impl(model: nn.Module, impl: str) -> None:
+    """Choose ``"fused"`` or ``"mask"`` relative-position attention in every block of ``model``."""
+    if impl not in ("fused", "mask"):
+        raise ValueError(f"rel_pos_impl must be 'fused' or 'mask', got {impl!r}")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.rel_pos_impl = impl
 
 
 def window_partition(x: torch.Tensor, hw: tuple[int, int], window: int) -> tuple[torch.Tensor, tuple[int, int]]:
