@@ -9,6 +9,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mae_backbone import io as mio
 from mae_backbone.checkpoint import read_checkpoint, save_checkpoint
@@ -212,3 +214,29 @@ def test_checksum_covers_every_value_not_only_tensors():
         change(other)
         assert mio.state_checksum(other) != state[CHECKSUM_KEY]
     assert mio.state_checksum(add_checksum(_state(0))) == state[CHECKSUM_KEY]
+
+
+leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True), st.text(max_size=8),
+    st.builds(lambda shape, dtype, seed: torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(dtype),
+              st.lists(st.integers(0, 3), max_size=3), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+              st.integers(0, 1000)),
+)
+states = st.dictionaries(st.text(min_size=1, max_size=6), st.recursive(
+    leaves, lambda inner: st.one_of(st.lists(inner, max_size=3), st.tuples(inner, inner),
+                                    st.dictionaries(st.one_of(st.text(max_size=4), st.integers(0, 9)), inner,
+                                                    max_size=3)), max_leaves=8), min_size=1, max_size=4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(state=states)
+def test_any_checksummed_state_survives_save_and_load_and_any_changed_leaf_is_caught(tmp_path, state):
+    path = tmp_path / "s.pth"
+    stamped = add_checksum(state)
+    atomic_torch_save(stamped, path)
+    loaded = safe_torch_load(path)  # verified
+    assert mio.state_checksum(loaded) == stamped[CHECKSUM_KEY]
+    key = sorted(state)[0]
+    changed = dict(stamped, **{key: ["changed", state[key]]})
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        mio.verify_checksum(changed, path)
