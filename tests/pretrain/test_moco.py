@@ -32,6 +32,14 @@ TINY_MOCO_RUN = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not fight the other tests' processes for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def tiny_moco(**kw):
     return create_moco("vit_tiny_patch16", **{**TINY_MOCO, **kw})
 
@@ -189,3 +197,28 @@ def test_a_micro_batch_of_one_image_is_an_empty_step_and_batch_one_is_refused():
     assert n == 2 and torch.isfinite(loss())
     with pytest.raises(ValueError, match="batch_size must be at least 2 with --method mocov3"):
         make_config({**TINY_MOCO_RUN, "data": "d", "output": "o", "batch_size": 1})
+
+
+def _ddp_loss(rank: int, world: int, init_file: str, q: torch.Tensor, k: torch.Tensor, out: str) -> None:
+    torch.set_num_threads(1)  # a forked child: no parallel region of the parent's thread pool
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        n = q.shape[0] // world
+        loss = contrastive_loss(q[rank * n:(rank + 1) * n], k[rank * n:(rank + 1) * n], 0.2)
+        torch.save(loss, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_every_process_contrasts_with_the_keys_of_all(tmp_path):
+    torch.manual_seed(0)
+    q, k = torch.randn(6, 8), torch.randn(6, 8)
+    k[:, 0] += 3 * q[:, 0]  # positives more alike than negatives
+    torch.multiprocessing.start_processes(_ddp_loss, args=(2, str(tmp_path / "init"), q, k, str(tmp_path / "loss")),
+                                          nprocs=2, start_method="fork")  # fork: no re-import
+    per_rank = [torch.load(tmp_path / f"loss.{r}", weights_only=True) for r in range(2)]
+    # the mean over processes (what DDP's gradient averaging optimizes) is the one-process loss
+    torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, contrastive_loss(q, k, 0.2))
+    # and not the loss of each process against its own keys only
+    alone = (contrastive_loss(q[:3], k[:3], 0.2) + contrastive_loss(q[3:], k[3:], 0.2)) / 2
+    assert not torch.allclose(alone, contrastive_loss(q, k, 0.2))
