@@ -221,7 +221,8 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | MoCoV3 | None = Non
             out.mkdir(parents=True, exist_ok=True)
             text = json.dumps(cfg.to_dict(), indent=2) + "\n"
             atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-            monitor.log({"type": "run", "resumed_from": str(resume) if resume else None, "start_epoch": start_epoch,
+            monitor.log({"type": "run", "method": cfg.method, "resumed_from": str(resume) if resume else None,
+                         "start_epoch": start_epoch,
                          "world_size": info.world_size, "effective_batch": effective_batch, "lr": lr,
                          "images": len(dataset), "steps_per_epoch": steps_per_epoch,
                          "precision": precision, "device": str(info.device)})

@@ -3,6 +3,7 @@ patch projection, the two crops, and a tiny run whose encoder mae_backbone reads
 from __future__ import annotations
 
 import importlib
+import json
 import math
 
 import pytest
@@ -153,6 +154,8 @@ def test_moco_run_writes_a_strict_encoder_that_trained_and_resumes_exactly(tmp_p
     init = build_model(cfg).encoder_state_dict()
     result = train(cfg)
     assert [r["loss"] for r in result.history] and all(math.isfinite(r["loss"]) for r in result.history)
+    run = json.loads((tmp_path / "full" / "log.jsonl").read_text().splitlines()[0])
+    assert (run["type"], run["method"], run["steps_per_epoch"]) == ("run", "mocov3", 4)
 
     sd, meta = read_checkpoint(result.encoder)
     assert meta["method"] == "mocov3" and meta["arch"] == "vit_tiny_patch16" and meta["epochs"] == 2
