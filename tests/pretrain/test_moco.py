@@ -189,6 +189,11 @@ def test_moco_run_writes_a_strict_encoder_that_trained_and_resumes_exactly(tmp_p
     assert any(k.startswith("momentum_encoder.") for k in a)
     assert_weights_close(a, b)
 
+    # the official code's names: its checkpoint layout read by mae_backbone's mocov3 reader is our encoder
+    torch.save({"state_dict": {"module." + k: v for k, v in a.items()}}, tmp_path / "official.pth.tar")
+    official, _ = read_checkpoint(tmp_path / "official.pth.tar", "mocov3")
+    assert official.keys() == sd.keys() and all(torch.equal(official[k], sd[k]) for k in sd)
+
 
 def test_a_micro_batch_of_one_image_is_an_empty_step_and_batch_one_is_refused():
     setup = MocoStepSetup(lr_at=lambda s: 0.0, momentum=0.99, total_steps=1, accum_iter=1, amp_dtype=None,
