@@ -40,10 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """argparse's ``unrecognized arguments`` error, with the closest option of the command for each
+    mistyped flag (``--mask-ration (did you mean --mask-ratio?)``); exits with status 2."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command_parser = sub.choices[command]
+    options = [o for a in command_parser._actions for o in a.option_strings if o.startswith("--")]
+    words = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=")[0], options, n=1) if arg.startswith("--") else []
+        words.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    command_parser.error("unrecognized arguments: " + " ".join(words))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from mae_backbone.io import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _unrecognized(parser, args.command, unknown)
     try:
         return int(args.func(args) or 0)
     except CheckpointError as exc:  # bad input from the user: say what and where, no traceback

@@ -370,3 +370,10 @@ def test_config_file_typos_name_the_key_and_suggest_the_closest(tmp_path, small,
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err, err
     assert find_classes(data / "train") and not (tmp_path / "run").exists()
+
+
+def test_mistyped_flags_name_the_flag_and_suggest_the_closest(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--data", str(tmp_path), "--output", str(tmp_path / "run"), "--reprobb=0.1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --reprobb=0.1 (did you mean --reprob?)" in capsys.readouterr().err

@@ -347,3 +347,10 @@ def test_config_file_typos_name_the_key_and_suggest_the_closest(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"'{key}'" in err and f"did you mean '{suggestion}'?" in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_mistyped_flags_name_the_flag_and_suggest_the_closest(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(tmp_path), "--output", str(tmp_path / "run"), "--mask-ration", "0.5"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --mask-ration (did you mean --mask-ratio?) 0.5" in capsys.readouterr().err
