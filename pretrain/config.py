@@ -140,7 +140,7 @@ class PretrainConfig:
                                  f"(options: {', '.join(sorted(ENCODER_ARGS))})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        for name in MOCO_ONLY:
+        for name in ("moco_temperature", "moco_proj_hidden", "moco_dim", "moco_pred_hidden"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.moco_momentum <= 1.0:
