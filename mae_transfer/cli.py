@@ -25,6 +25,7 @@ COMMANDS = (
     "mae_transfer.commands.bench",
     "mae_transfer.commands.detect",
     "mae_transfer.commands.segment",
+    "mae_transfer.commands.bench_speed",
 )
 
 
