@@ -132,6 +132,18 @@ def write_kind(path: Path, kind: str) -> Path:
     return path
 
 
+def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """``count`` random 36x40 PNGs split over two class folders."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"class{i % 2}" / f"img{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
 SUFFIX = {"truncated_jpeg": ".jpg", "cmyk": ".jpg"}
 # what each kind becomes: a pixel of the RGB image, or "skipped"
 EXPECTED = {"corrupt": "skipped", "truncated_jpeg": "skipped", "zero_bytes": "skipped", "text": "skipped",

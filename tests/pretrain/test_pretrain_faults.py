@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fault_harness import EXPECTED, SUFFIX, FailingFile, kill_plan, same_state, write_kind
+from fault_harness import EXPECTED, SUFFIX, FailingFile, kill_plan, same_state, write_images, write_kind
 from mae_backbone import io as mio
 from mae_backbone.checkpoint import read_checkpoint
 from mae_backbone.io import CheckpointWriteError
@@ -64,8 +64,6 @@ def log_records(out: Path, kind: str) -> list[dict]:
 
 # --------------------------------------------------------------------------- SIGKILL and resume
 def test_sigkill_at_seeded_points_then_resume_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
-    from conftest import write_images
-
     data = tmp_path / "images"
     write_images(data, 16)
     flags = ["--epochs", "6", "--batch-size", "4", "--accum-iter", "2"]  # 2 optimizer steps per epoch
@@ -159,8 +157,6 @@ def test_permission_denied_at_a_checkpoint_is_a_clear_cli_error(tmp_path, image_
 # --------------------------------------------------------------------------- corrupt / malicious checkpoints
 @pytest.fixture(scope="module")
 def one_epoch_run(tmp_path_factory) -> tuple[Path, Path, bytes]:
-    from conftest import write_images
-
     root = tmp_path_factory.mktemp("pre_faults")
     data = root / "images"
     write_images(data, 16)
@@ -297,8 +293,6 @@ def test_each_kind_of_image_loads_as_rgb_or_is_skipped_naming_the_file(tmp_path,
 
 
 def test_a_folder_of_every_kind_trains_and_counts_the_skipped_files(tmp_path, tiny_config, bomb_limit):
-    from conftest import write_images
-
     data = tmp_path / "images"
     write_images(data, 4)
     for kind in EXPECTED:
