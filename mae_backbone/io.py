@@ -185,7 +185,16 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` sets it
+    for a moment, which other threads creating files at that time would see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
