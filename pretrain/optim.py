@@ -138,10 +138,13 @@ class LowPrecisionWeights:
         torch._foreach_copy_(self.working, self.masters)
 
     def master_state_dict(self) -> dict[str, torch.Tensor]:
-        """``model.state_dict()`` with the fp32 masters in place of the low-precision copies."""
+        """``model.state_dict()`` with the fp32 masters in place of the low-precision copies.
+
+        Like ``state_dict()``, the tensors are the live ones (save or copy them before stepping on).
+        """
         sd = self.model.state_dict()
         for name, master in self.master_names.items():
-            sd[name] = master.detach().clone()
+            sd[name] = master.detach()
         return sd
 
 
