@@ -43,12 +43,19 @@ class DatasetError(ValueError):
 
 
 def label_values(path: str) -> np.ndarray:
-    """The distinct values of a label map (read as MMSeg does: palette indices, unchanged)."""
-    with Image.open(path) as im:
-        if im.mode in ("L", "P"):
-            hist = im.histogram()[:256]
-            return np.flatnonzero(np.asarray(hist))
-        arr = np.asarray(im)
+    """The distinct values of a label map (read as MMSeg does: palette indices, unchanged).
+
+    Raises:
+        DatasetError: naming the file, when it is empty or not a readable image.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("L", "P"):
+                hist = im.histogram()[:256]
+                return np.flatnonzero(np.asarray(hist))
+            arr = np.asarray(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{path}: not a readable label map ({exc})") from None
     if arr.ndim != 2:
         raise DatasetError(f"{path}: a label map must have one channel, this one has shape {arr.shape} "
                            f"(mode {im.mode}); save class indices as an 8-bit grayscale or palette PNG")
