@@ -3,7 +3,8 @@
 - ``read_checkpoint(path, format="auto") -> (state_dict, meta)``: any format (see
   ``mae_backbone.formats``) to our layout; ``meta["notes"]`` lists what the reader dropped.
 - ``save_checkpoint(sd, path, meta)``: our format, one ``.safetensors`` file whose header holds
-  the metadata JSON (architecture, source, image size, licence) and a sha256 of the tensors.
+  the metadata JSON (architecture, source, image size, licence), a sha256 of the tensors and one
+  of the metadata.
 - ``write_checkpoint(sd, path, format, meta)``: any writer format.
 - ``load_checkpoint(model, src, allow_missing=..., allow_unexpected=...) -> LoadReport``: fits the
   weights to the model (pos-embed / patch kernel / rel-pos resampling) and raises a
@@ -100,11 +101,13 @@ def save_checkpoint(
         arch_meta = {}
     full_meta = {**infer_arch(sd), **arch_meta, **dict(meta or {})}
     full_meta.pop("notes", None)
+    meta_text = json.dumps(full_meta, sort_keys=True, default=str)
     header = {
         "format": FORMAT_TAG,
         "format_version": str(FORMAT_VERSION),
-        "meta": json.dumps(full_meta, sort_keys=True, default=str),
+        "meta": meta_text,
         "sha256": tensor_checksum(sd),
+        "meta_sha256": hashlib.sha256(meta_text.encode()).hexdigest(),  # the metadata too (not in older files)
     }
     return atomic_write_bytes(safetensors_save(sd, metadata=header), path)
 
@@ -143,6 +146,8 @@ def read_checkpoint(path: str | Path, format: str = "auto") -> tuple[dict[str, t
         meta["hf_config"] = cfg
     elif path.suffix == ".safetensors":
         obj, header = _read_safetensors(path)
+        if header.get("format") != FORMAT_TAG and len({"format_version", "sha256", "meta_sha256"} & set(header)) >= 2:
+            raise CheckpointError(f"{path}: corrupt header (format tag {header.get('format')!r}); it was not loaded")
         if header.get("format") == FORMAT_TAG:
             expected = header.get("sha256")
             actual = tensor_checksum(obj)
@@ -151,7 +156,13 @@ def read_checkpoint(path: str | Path, format: str = "auto") -> tuple[dict[str, t
                     f"{path}: checksum mismatch (stored {str(expected)[:12]}..., computed {actual[:12]}...): "
                     "the file is corrupt; it was not loaded"
                 )
-            meta.update(json.loads(header.get("meta", "{}")))
+            stored_meta = header.get("meta", "{}")
+            if "meta_sha256" in header and hashlib.sha256(stored_meta.encode()).hexdigest() != header["meta_sha256"]:
+                raise CheckpointError(f"{path}: checksum mismatch in the metadata: the file is corrupt; it was not loaded")
+            try:
+                meta.update(json.loads(stored_meta))
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{path}: corrupt metadata ({exc}); it was not loaded") from None
             fmt = "ours" if format == "auto" else format
         else:
             fmt = detect_format(obj) if format == "auto" else format

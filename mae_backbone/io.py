@@ -84,6 +84,9 @@ def verify_checksum(state: Any, path: str | os.PathLike, required: bool = False)
     (or is missing while ``required``)."""
     stored = state.get(CHECKSUM_KEY) if isinstance(state, dict) else None
     if stored is None:
+        if required and not isinstance(state, dict):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a training state; the file is "
+                                  "damaged or not one of ours; it was not loaded")
         if required:
             raise CheckpointError(f"{path}: has no checksum ({CHECKSUM_KEY}); it was not written by this "
                                   "version of mae-transfer or it is damaged; it was not loaded")
@@ -96,12 +99,15 @@ def verify_checksum(state: Any, path: str | os.PathLike, required: bool = False)
         )
 
 
-def safe_torch_load(path: str | os.PathLike, extra_safe_globals: list[Any] | None = None) -> Any:
+def safe_torch_load(path: str | os.PathLike, extra_safe_globals: list[Any] | None = None,
+                    require_checksum: bool = False) -> Any:
     """Load a ``torch.save`` file without executing code from it.
 
     Args:
         path: the file.
         extra_safe_globals: further classes the caller knows to be harmless.
+        require_checksum: the file must be a dict carrying its checksum (``add_checksum``); else
+            a stored checksum is verified when there is one.
     Raises:
         CheckpointError: missing, truncated or corrupt file.
         UnsafeCheckpointError: the pickle references a callable/class outside the allow-list.
@@ -127,10 +133,10 @@ def safe_torch_load(path: str | os.PathLike, extra_safe_globals: list[Any] | Non
                 "this file yourself, re-save its state dict (torch.save(model.state_dict(), ...))."
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({msg.splitlines()[0]})") from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
+    except Exception as exc:  # a damaged pickle makes the unpickler fail in many ways (IndexError, TypeError ...)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first})") from None
-    verify_checksum(obj, path)
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {first})") from None
+    verify_checksum(obj, path, required=require_checksum)
     return obj
 
 

@@ -172,7 +172,7 @@ def test_bit_flips_anywhere_are_refused_or_change_nothing(tmp_path):
         bad = tmp_path / f"flip{i}.pth"
         bad.write_bytes(bytes(flipped))
         try:
-            loaded = safe_torch_load(bad)
+            loaded = safe_torch_load(bad, require_checksum=True)  # as a trainer reads its own state
         except CheckpointError as exc:
             assert str(bad) in str(exc)
             outcomes["refused"] += 1
@@ -240,3 +240,31 @@ def test_any_checksummed_state_survives_save_and_load_and_any_changed_leaf_is_ca
     changed = dict(stamped, **{key: ["changed", state[key]]})
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         mio.verify_checksum(changed, path)
+
+
+def test_bit_flips_in_our_safetensors_format_are_refused_or_change_nothing(tmp_path):
+    """Tensors and metadata both carry a sha256: a flip anywhere is refused, or (in JSON
+    whitespace / padding) loads exactly what was saved."""
+    path = tmp_path / "enc.safetensors"
+    g = torch.Generator().manual_seed(0)
+    sd = {"patch_embed.proj.weight": torch.randn(8, 3, 4, 4, generator=g), "cls_token": torch.randn(1, 1, 8, generator=g)}
+    save_checkpoint(sd, path, {"arch": "vit_tiny_patch16", "source": "unit test"})
+    want_sd, want_meta = read_checkpoint(path)
+    data = path.read_bytes()
+    rng = random.Random(4)
+    refused = 0
+    for i in range(80):
+        pos = rng.randrange(len(data))
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << rng.randrange(8)
+        bad = tmp_path / f"flip{i}.safetensors"
+        bad.write_bytes(bytes(flipped))
+        try:
+            got_sd, got_meta = read_checkpoint(bad)
+        except CheckpointError as exc:
+            assert str(bad) in str(exc)
+            refused += 1
+        else:
+            assert _equal(got_sd, want_sd) and {k: v for k, v in got_meta.items() if k != "path"} == \
+                {k: v for k, v in want_meta.items() if k != "path"}, f"byte {pos}"
+    assert refused > 60
