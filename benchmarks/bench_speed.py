@@ -204,9 +204,11 @@ class Report:
         ratio = f"{o.img_s / b.img_s:5.2f}x" if b else "-"
         mem = f"{o.peak_mib:8.0f} / {b.peak_mib:<8.0f}" if b else "-"
         frac = f"{self.fraction(o):>6s} / {self.fraction(b) if b else '-':<6s}"
+        rounds = " ".join(f"{t:.2f}" for t in o.times) + (" | " + " ".join(f"{t:.2f}" for t in b.times) if b else "")
+        note = f"[s/round: {rounds}]" + (f" {row.note}" if row.note else "")
         label = f"{row.part} {o.dtype} {o.name}"
         print(f"{label[:34]:34s} {o.img_s:8.2f}/s {base_s:>22s} {ratio:>6s} {mem:>19s} {frac:>20s}"
-              + (f"  {row.note}" if row.note else ""), flush=True)
+              + f"  {note}", flush=True)
 
 
 # ---------------------------------------------------------------------------- parts
@@ -398,7 +400,7 @@ def part_detection(args: argparse.Namespace, report: Report, device: torch.devic
         torch.manual_seed(0)
         net = create_vit("vit_base_patch16", img_size=size, window_size=14 if windowed else 0,
                          global_blocks=(2, 5, 8, 11) if windowed else (), rel_pos=True, drop_path_rate=0.1,
-                         pos_embed_learnable=True, dense_cls=False)
+                         pos_embed_learnable=True, dense_cls=False, grad_checkpointing=args.det_checkpointing)
         set_rel_pos_impl(net, args.rel_pos_impl)
         return SimpleFeaturePyramid(net, top_block=LastLevelMaxPool(), square_pad=size).to(device).train()
 
@@ -476,6 +478,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--det-warmup", type=int, default=1, help="untimed detection steps first (default %(default)s)")
     p.add_argument("--rel-pos-impl", choices=("fused", "mask"), default="fused",
                    help="relative-position attention in the detection backbone (default %(default)s)")
+    p.add_argument("--det-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--seg-size", type=int, default=512)
     p.add_argument("--seg-batch", type=int, default=2)
     return p
