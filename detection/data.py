@@ -224,6 +224,28 @@ def register_coco_dataset(name: str, json_file: str | os.PathLike, image_root: s
     return summary
 
 
+class NamingMapper:
+    """A dataset mapper whose errors name the image they happened on.
+
+    Detectron2's ``DatasetMapper`` decodes each image in training; a file whose pixel data is cut
+    (its header passed ``check_image``) fails there with Pillow's ``image file is truncated``, which
+    names no file. ``detection.engine`` wraps the LazyConfig loaders' mappers in this.
+
+    Args:
+        mapper: the mapper to call (``DatasetMapper`` or any callable on a dataset dict).
+    """
+
+    def __init__(self, mapper: Any):
+        self.mapper = mapper
+
+    def __call__(self, dataset_dict: dict[str, Any]) -> Any:
+        try:
+            return self.mapper(dataset_dict)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DatasetError(f"{dataset_dict.get('file_name', '?')}: {exc} (while loading this image and its "
+                               "annotations)") from exc
+
+
 def _names(names: str | Iterable[str]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 

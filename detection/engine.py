@@ -35,6 +35,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.structures import Instances
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from detectron2.utils.registry import locate
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from omegaconf import DictConfig, ListConfig
 from torch import nn
@@ -42,7 +43,8 @@ from torch import nn
 from detection.backbone import SimpleFeaturePyramid, ViTMultiScale
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import ConfigError, get_config_file, is_lazy, load_config
-from detection.data import build_coco_evaluator, check_dataset, dataset_num_classes, register_coco_dataset
+from detection.data import (NamingMapper, build_coco_evaluator, check_dataset, dataset_num_classes,
+                            register_coco_dataset)
 from detection.optim import get_vit_param_groups
 
 logger = logging.getLogger(__name__)
@@ -292,12 +294,23 @@ class ResumableLoader:
         yield from it
 
 
+def _naming_loader(loader_cfg: Any) -> Any:
+    """The loader a LazyConfig node describes, with its mapper wrapped in ``NamingMapper``
+    (instantiated as ``instantiate`` would, in place, so the config's interpolations resolve)."""
+    if not (isinstance(loader_cfg, DictConfig) and "_target_" in loader_cfg and loader_cfg.get("mapper") is not None):
+        return instantiate(loader_cfg)
+    kwargs = {k: instantiate(v) for k, v in loader_cfg.items() if k not in ("_target_", "mapper")}
+    target = loader_cfg._target_
+    target = locate(target) if isinstance(target, str) else target
+    return target(mapper=NamingMapper(instantiate(loader_cfg.mapper)), **kwargs)
+
+
 def do_test(cfg: Any, model: nn.Module) -> dict[str, Any]:
     """COCO evaluation of ``model`` on the config's test set: ``{"bbox": {"AP": ...}, "segm": {...}}``."""
     if not is_lazy(cfg):
         return ViTTrainer.test(cfg, model)
     evaluator = instantiate(cfg.dataloader.evaluator)
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+    results = inference_on_dataset(model, _naming_loader(cfg.dataloader.test), evaluator)
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -311,7 +324,7 @@ def do_train(cfg: DictConfig, resume: bool = False, trust_pickle: bool = False) 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     random_state = RandomState()
-    train_loader = ResumableLoader(instantiate(cfg.dataloader.train), random_state)
+    train_loader = ResumableLoader(_naming_loader(cfg.dataloader.train), random_state)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
     checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trust_pickle=trust_pickle, trainer=trainer,

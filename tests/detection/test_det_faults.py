@@ -444,3 +444,16 @@ def test_a_non_finite_loss_stops_training_before_any_checkpoint_of_it(tiny_coco,
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     state = safe_torch_load(tmp_path / "model_0000001.pth")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_an_image_cut_after_its_header_fails_training_naming_the_file(tiny_coco, tmp_path, capsys):
+    """The header passes registration; the pixel data is only decoded in training."""
+    json_file, images = tiny_coco
+    cut = shutil.copytree(images, tmp_path / "images")
+    for png in cut.glob("*.png"):
+        png.write_bytes(png.read_bytes()[:200])
+    rc = main(["detect", "train", TINY, *RUN, "dataloader.train.dataset.names=det_fault_cut",
+               "dataloader.test.dataset.names=det_fault_cut", "--output", str(tmp_path / "o"),
+               "--register-coco", "det_fault_cut", str(json_file), str(cut)])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(rf"{cut}/00\d\.png: image file is truncated", err), err
