@@ -348,3 +348,15 @@ def test_mistyped_flags_name_the_flag_and_suggest_the_closest(tmp_path, capsys):
         main(["pretrain", "--data", str(tmp_path), "--output", str(tmp_path / "run"), "--mask-ration", "0.5"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --mask-ration (did you mean --mask-ratio?) 0.5" in capsys.readouterr().err
+
+
+def test_a_log_line_cut_by_a_kill_does_not_break_the_next_runs_lines(tmp_path):
+    from pretrain.monitor import LOG_NAME, Monitor
+
+    (tmp_path / LOG_NAME).write_text('{"type": "run", "start_epoch": 0}\n{"type": "step", "lo')
+    monitor = Monitor(tmp_path, tensorboard=False, progress=False)
+    monitor.log({"type": "run", "start_epoch": 1})
+    monitor.log({"type": "epoch", "epoch": 2})
+    lines = (tmp_path / LOG_NAME).read_text().splitlines()
+    assert lines[1] == '{"type": "step", "lo'
+    assert [json.loads(x)["type"] for x in lines[:1] + lines[2:]] == ["run", "run", "epoch"]
