@@ -231,6 +231,11 @@ class ViTTrainer(DefaultTrainer):
         self.checkpointer = SafeDetectionCheckpointer.replacing(self.checkpointer, self._trust_pickle)
         return super().build_hooks()
 
+    def resume_or_load(self, resume: bool = True) -> None:
+        if resume and comm.is_main_process():
+            self.checkpointer.remove_stale_temporaries()
+        super().resume_or_load(resume=resume)
+
 
 # --------------------------------------------------------------------------- LazyConfig loop
 class RandomState:
@@ -258,10 +263,14 @@ class RandomState:
         self.pending = state
 
     def restore(self) -> None:
-        """Apply the loaded state (no-op when none was loaded)."""
+        """Apply the loaded state (no-op when none was loaded, and in multi-process runs: the
+        checkpoint holds rank 0's generators only, and every rank needs its own)."""
         if self.pending is None:
             return
         s, self.pending = self.pending, None
+        if comm.get_world_size() > 1:
+            logger.info("resume: random generators not restored (multi-process run; the checkpoint holds rank 0's)")
+            return
         torch.set_rng_state(s["torch"])
         n = s["numpy"]
         np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
