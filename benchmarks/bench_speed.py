@@ -147,6 +147,10 @@ def count_flops(fn: Callable[[], Any]) -> float:
     return float(counter.get_total_flops())
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
 def interleave(cases: list[Case], steps: int, warmup: int, device: torch.device, flops: bool = True) -> None:
     """Warm up each case (counting its FLOPs on the first call), then time ``steps`` rounds of all
     cases in turn."""
@@ -161,11 +165,11 @@ def interleave(cases: list[Case], steps: int, warmup: int, device: torch.device,
     for _ in range(steps):
         for case in cases:
             with PeakMemory(device) as mem:
-                start = time.perf_counter()
+                start = _clock()
                 case.run()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                case.times.append(time.perf_counter() - start)
+                case.times.append(_clock() - start)
             case.peaks.append(mem.peak_bytes)
 
 
@@ -222,11 +226,11 @@ def measure_peak(device: torch.device, size: int, reps: int = 5) -> dict[str, fl
         for _ in range(reps + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = _clock()
             a @ b
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+            best = min(best, _clock() - start)
         peaks[name] = 2 * size**3 / best
         print(f"matmul peak {name}: {peaks[name] / 1e9:8.1f} GFLOP/s ({size}x{size}, best of {reps})", flush=True)
     return peaks
@@ -464,6 +468,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    p.add_argument("--clock", choices=tuple(CLOCK), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time, steadier on a machine others load "
+                        "(use with --threads 1, where no thread waits spinning; CPU only)")
     p.add_argument("--steps", type=int, default=2, help="timed rounds per comparison (median; default %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per case first (default %(default)s)")
     p.add_argument("--peak-size", type=int, default=0, help="GEMM side for the peak (default 2048 CPU, 8192 GPU)")
@@ -485,11 +492,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args: argparse.Namespace) -> int:
+    global _clock
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type == "cuda":
+        raise SystemExit("bench-speed: --clock cpu measures CPU work; on a GPU use the wall clock")
+    _clock = CLOCK[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"bench-speed: torch {torch.__version__}, {where}; median of {args.steps} interleaved rounds "
+    print(f"bench-speed: torch {torch.__version__}, {where}, {args.clock} clock; median of {args.steps} interleaved rounds "
           f"after {args.warmup} warm-up step(s)", flush=True)
     peaks: dict[str, float] = {}
     if "peak" in args.parts:
@@ -504,7 +515,7 @@ def run(args: argparse.Namespace) -> int:
     for name in PARTS[1:]:
         if name in args.parts:
             parts[name]()
-    print("img/s: images per second (median step); ratio: ours / baseline; peak MiB: memory the step itself "
+    print(f"img/s: images per {args.clock}-clock second (median step); ratio: ours / baseline; peak MiB: memory the step itself "
           "allocates; peak frac: counted FLOPs per second / measured matmul peak of that precision")
     return 0
 
