@@ -147,14 +147,17 @@ class Recipe:
     name: str = "demo"
     arch: Arch = Arch.make("vit_tiny_patch16", depth=6, patch_size=8)
     img_size: int = 64
-    # classification (all three protocols); a tiny budget wants little regularisation
-    cls_epochs: int = 15
-    cls_batch: int = 32
-    cls_options: tuple[tuple[str, Any], ...] = (
+    # classification; a tiny budget wants little regularisation (no mixup/cutmix/RandAug/smoothing)
+    cls_epochs: int = 20
+    cls_batch: int = 16
+    cls_options: tuple[tuple[str, Any], ...] = (  # fine-tuning and partial fine-tuning
         ("mixup", 0.0), ("cutmix", 0.0), ("smoothing", 0.0), ("aa", "none"), ("reprob", 0.0),
-        ("drop_path", 0.0), ("warmup_epochs", 2), ("layer_decay", 0.75))
-    finetune_blr: float = 8e-3
-    linprobe_blr: float = 1.0
+        ("drop_path", 0.0), ("warmup_epochs", 2), ("layer_decay", 0.75), ("pool", "avg"))
+    finetune_blr: float = 1.6e-2
+    linprobe_options: tuple[tuple[str, Any], ...] = (("warmup_epochs", 3), ("pool", "avg"))
+    linprobe_epochs: int = 30
+    linprobe_batch: int = 32
+    linprobe_blr: float = 50.0  # LARS: lr = 50 x 32 / 256 = 6.25, near the official 6.4 (0.1 x 16384 / 256)
     partial_blocks: int = 1
     # UperNet
     seg_size: int = 128
@@ -173,8 +176,8 @@ class Recipe:
     @classmethod
     def demo(cls, quick: bool = False) -> "Recipe":
         if quick:
-            return cls(arch=Arch.make("vit_tiny_patch16", depth=4, patch_size=8), cls_epochs=1, seg_iters=20,
-                       det_iters=20)
+            return cls(arch=Arch.make("vit_tiny_patch16", depth=4, patch_size=8), cls_epochs=1, linprobe_epochs=1,
+                       seg_iters=20, det_iters=20)
         return cls()
 
     @classmethod
@@ -229,14 +232,13 @@ def run_classification(task: str, backbone: Backbone, recipe: Recipe, data: Data
         "seed": seed, "progress": False, "tensorboard": False, "num_workers": 0 if recipe.name == "demo" else 8,
     }
     if recipe.name == "demo":
-        values.update(img_size=recipe.img_size, epochs=recipe.cls_epochs, batch_size=recipe.cls_batch)
-        opts = dict(recipe.cls_options)
+        values.update(img_size=recipe.img_size, epochs=recipe.cls_epochs, batch_size=recipe.cls_batch,
+                      blr=recipe.finetune_blr)
         if protocol == "linprobe":
-            opts = {k: v for k, v in opts.items() if k in ("warmup_epochs",)}
-            values["blr"] = recipe.linprobe_blr
+            values.update(dict(recipe.linprobe_options), epochs=recipe.linprobe_epochs, blr=recipe.linprobe_blr,
+                          batch_size=recipe.linprobe_batch)
         else:
-            values["blr"] = recipe.finetune_blr
-        values.update(opts)
+            values.update(dict(recipe.cls_options))
     if task == "partial":
         values["tune_blocks"] = str(recipe.partial_blocks)
     ld = recipe.layer_decay(task, backbone)
@@ -258,7 +260,7 @@ model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(arch=dict(_delete_=True, embed_dim={dim}, depth={depth}, num_heads={heads}, patch_size={patch}),
                   img_size={size}, out_indices={out_indices!r}, drop_path_rate=0.0),
-    neck=dict(embed_dim={dim}),
+    neck=dict(embed_dim={dim}, rescales={rescales!r}),
     decode_head=dict(in_channels=[{dim}] * 4, channels=64, pool_scales=(1, 2, 3), num_classes={classes},
                      dropout_ratio=0.0),
     auxiliary_head=dict(in_channels={dim}, channels=32, num_classes={classes}, dropout_ratio=0.0),
@@ -308,7 +310,8 @@ def run_segmentation(backbone: Backbone, recipe: Recipe, data: DataPaths, seed: 
             patch=dims["patch_size"], out_indices=[depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1],
             classes=len(data.seg_classes), names=tuple(data.seg_classes), root=str(root), batch=recipe.seg_batch,
             lr=recipe.seg_lr, layer_decay=recipe.layer_decay("segment", backbone), warmup=max(1, iters // 10),
-            iters=iters, seed=seed, dim=dims["embed_dim"], depth=depth, heads=dims["num_heads"])
+            iters=iters, seed=seed, dim=dims["embed_dim"], depth=depth, heads=dims["num_heads"],
+            rescales=list(_scale_factors(dims["patch_size"])))
     else:
         if recipe.arch.name not in SEG_PAPER_CONFIGS or recipe.arch.size is None:
             raise ValueError(f"no UperNet recipe for {recipe.arch} (have: {', '.join(SEG_PAPER_CONFIGS)})")
@@ -815,7 +818,8 @@ def run_stages(keys: Sequence[str], stages: dict[str, tuple[str, Callable[[Any],
         title, fn, _ = stages[key]
         spent = sum(timings.get(k, 0.0) for k in keys[:i - 1])
         done_plan = sum(planned[k] for k in keys[:i - 1])
-        pace = spent / done_plan if done_plan else 1.0
+        # actual / planned so far; a short first stage (the data) says little about the pace yet
+        pace = spent / done_plan if done_plan >= 0.1 * sum(planned.values()) else 1.0
         eta = pace * sum(planned[k] for k in keys[i - 1:])
         log(f"[{i}/{len(keys)}] {title} ... (elapsed {time.perf_counter() - t0:.0f} s, ETA {eta:.0f} s)")
         t = time.perf_counter()

@@ -40,7 +40,7 @@ def tiny_checkpoint(tmp_path_factory):
 def test_two_backbones_two_seeds_real_runs_write_the_table(tiny_data, tiny_checkpoint, tmp_path):
     """``random`` and a saved checkpoint, linear probing on the same tiny data, seeds 0 and 1."""
     arch = Arch.make("vit_tiny_patch16", depth=2, patch_size=8)
-    recipe = Recipe(arch=arch, img_size=32, cls_epochs=1, cls_batch=8)
+    recipe = Recipe(arch=arch, img_size=32, linprobe_epochs=1, linprobe_batch=8)
     backbones = [parse_backbone("random"), parse_backbone(f"tiny={tiny_checkpoint}")]
     plan = BenchPlan(backbones, ["linprobe"], [0, 1], recipe, DataPaths.sample(tiny_data))
     result = run_bench(plan, tmp_path, log=lambda s: None)
