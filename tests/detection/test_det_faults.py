@@ -86,7 +86,8 @@ def _whole_checkpoints(out: Path) -> list[str]:
 # --------------------------------------------------------------------------- kill / resume
 def test_killed_twice_then_resumed_equals_the_uninterrupted_run(reference, tiny_coco, tmp_path):
     rng = random.Random(SEED)
-    kill_after = rng.randint(1, MAX_ITER - 1)  # in iteration kill_after - 1, after backward
+    # in iteration kill_after - 1 (0-based), after backward; at least one checkpoint is written before
+    kill_after = rng.randint(PERIOD + 1, MAX_ITER - 1)
     out = tmp_path / "run"
     proc = _run(_train_cmd(out, tiny_coco, "--kill-after-backward", str(kill_after)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -111,8 +112,10 @@ def test_killed_twice_then_resumed_equals_the_uninterrupted_run(reference, tiny_
     if nth == 1:
         assert ((out / "last_checkpoint").read_text() if tag_before else None) == tag_before
 
+    resumed_from = int((out / "last_checkpoint").read_text()[6:13])
     proc = _run(_train_cmd(out, tiny_coco, resume=True))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"replaying {resumed_from + 1} batches" in (out / "log.txt").read_text()
     assert not list(out.glob(".*.tmp"))  # the partial temporary was removed on resume
     full = torch.load(reference / "model_final.pth", weights_only=True)["model"]
     resumed = torch.load(out / "model_final.pth", weights_only=True)["model"]

@@ -87,7 +87,8 @@ def _whole_checkpoints(work_dir: Path) -> list[int]:
 # --------------------------------------------------------------------------- kill / resume
 def test_killed_twice_then_resumed_equals_the_uninterrupted_run(reference, tiny_config, tmp_path):
     rng = random.Random(SEED)
-    kill_after = rng.randint(1, MAX_ITERS - 1)  # in iteration kill_after (1-based), after backward
+    # in iteration kill_after (1-based), after backward; at least one checkpoint is written before
+    kill_after = rng.randint(INTERVAL + 1, MAX_ITERS - 1)
     work_dir = tmp_path / "run"
     proc = _run(_train_cmd(tiny_config, work_dir, "--kill-after-backward", str(kill_after)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -104,8 +105,10 @@ def test_killed_twice_then_resumed_equals_the_uninterrupted_run(reference, tiny_
     assert len(partial) == 1 and 0 < partial[0].stat().st_size < size  # the cut file is only a temporary
     assert writes[nth - 1] not in _whole_checkpoints(work_dir)
 
+    resumed_from = int(Path((work_dir / "last_checkpoint").read_text()).stem[5:])
     proc = _run(_train_cmd(tiny_config, work_dir, resume=True))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Advance dataloader {resumed_from} steps" in proc.stdout + proc.stderr
     assert not list(work_dir.glob(".*.tmp"))
     points = f"killed after backward {kill_after}, then in checkpoint write {nth} at {fraction:.2f}"
     full = torch.load(reference / f"iter_{MAX_ITERS}.pth", weights_only=True)["state_dict"]
