@@ -37,6 +37,17 @@ def _rel_pos_axis(table: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
     return table[rel.long()]
 
 
+# bf16 on the CPU: up to this many tokens, attention as two matmuls and an fp32 softmax beats the
+# fused kernel, whose backward is slow in bf16 there (MAE's encoder sees 50 tokens, its decoder 197)
+EXPLICIT_ATTENTION_MAX_TOKENS = 256
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(scale * q k^T) v`` with the softmax in fp32: [B, heads, N, C] -> [B, heads, N, C]."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    return attn.float().softmax(dim=-1).to(v.dtype) @ v
+
+
 def rel_pos_bias(
     q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
 ) -> torch.Tensor:
@@ -91,7 +102,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, hd]
         if not self.use_rel_pos:
-            x = F.scaled_dot_product_attention(q, k, v)
+            if q.device.type == "cpu" and q.dtype == torch.bfloat16 and n <= EXPLICIT_ATTENTION_MAX_TOKENS:
+                x = explicit_attention(q, k, v, self.scale)
+            else:
+                x = F.scaled_dot_product_attention(q, k, v)
         elif self.rel_pos_impl == "fused":
             q, k, v = rel_pos_qkv(q, k, v, self.rel_pos_h, self.rel_pos_w, hw, num_prefix, self.scale)
             x = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., : self.head_dim]

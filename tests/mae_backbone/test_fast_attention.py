@@ -73,3 +73,27 @@ def test_set_rel_pos_impl_names_the_choices():
         set_rel_pos_impl(net, "flash")
     set_rel_pos_impl(net, "mask")
     assert net.blocks[0].attn.rel_pos_impl == "mask"
+
+
+def test_explicit_short_sequence_attention_equals_the_fused_kernel():
+    from mae_backbone.layers import explicit_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out = explicit_attention(q, k, v, 8**-0.5)
+    _close(out, ref)
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    g_out = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for a, b in zip(g_out, g_ref):
+        _close(a, b)
+
+
+def test_bf16_attention_block_on_short_sequences_is_the_fp32_one_within_bf16_precision():
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(2, 50, 32)
+    ref = attn(x, (7, 7), 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, (7, 7), 1)  # 50 tokens: the explicit path
+    _close(out, ref, rel=3e-2)
