@@ -97,3 +97,9 @@ def test_bf16_attention_block_on_short_sequences_is_the_fp32_one_within_bf16_pre
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attn(x, (7, 7), 1)  # 50 tokens: the explicit path
     _close(out, ref, rel=3e-2)
+
+
+def test_intermediate_maps_are_contiguous_nchw():
+    net = create_vit("vit_tiny_patch16", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    for y in net.forward_intermediates(torch.randn(2, 3, 32, 32), [0, 1]):
+        assert y.shape == (2, 32, 4, 4) and y.is_contiguous()  # not a channels-last view of the tokens
