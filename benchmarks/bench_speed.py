@@ -173,6 +173,20 @@ def interleave(cases: list[Case], steps: int, warmup: int, device: torch.device,
             case.peaks.append(mem.peak_bytes)
 
 
+def profile_step(case: Case, rows: int = 12) -> None:
+    """Print where one step of ``case`` spends its time (``torch.profiler``, by operator)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        case.run()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    print(f"  profile of one {case.dtype} step of {case.name} (self time, share of the step):")
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]:
+        print(f"    {e.key[:60]:60s} {e.self_cpu_time_total / 1e3:9.1f} ms {e.self_cpu_time_total / total:6.1%}  "
+              f"x{e.count}")
+
+
 @dataclass
 class Row:
     part: str
@@ -355,6 +369,9 @@ def part_pretrain(args: argparse.Namespace, report: Report, device: torch.device
         interleave(cases, args.steps, args.warmup, device)
         for case in cases[:-1]:
             report.add(f"pretrain {args.model}", case, cases[-1])
+        if args.profile:
+            for case in (cases[0], cases[-1]):
+                profile_step(case)
         del ours, hf, cases
 
 
@@ -476,6 +493,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--peak-size", type=int, default=0, help="GEMM side for the peak (default 2048 CPU, 8192 GPU)")
     p.add_argument("--model", choices=tuple(SIZES), default="base", help="ViT size for pretrain/features")
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--profile", action="store_true", help="print a per-operator profile of ours and HF's pretraining step")
     p.add_argument("--batch", type=int, default=8, help="pretraining batch (default %(default)s)")
     p.add_argument("--feat-batch", type=int, default=16, help="feature-extraction batch (default %(default)s)")
     p.add_argument("--data-images", type=int, default=32, help="images per data-loading round")
