@@ -17,7 +17,7 @@ import contextlib
 import json
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -598,7 +598,8 @@ def _encoder(ctx: DemoContext) -> Path:
 
 def _transfer(ctx: DemoContext, task: str) -> dict[str, TaskResult]:
     """``task`` from the MAE encoder and from random init, same recipe and seed."""
-    backbones = {"mae": Backbone("MAE", _encoder(ctx), method="mae"), "random": Backbone("random init", method="scratch")}
+    backbones = {"mae": Backbone("MAE", _encoder(ctx), method="mae"),
+                 "random": Backbone("random init", method="scratch")}
     found: dict[str, TaskResult] = {}
     for init, backbone in backbones.items():
         found[init] = run_task(task, backbone, ctx.plan.recipe, DataPaths.sample(ctx.data), ctx.plan.seed,
