@@ -28,6 +28,14 @@ from mae_transfer.demo import TASK_METRICS, TASKS, Arch, Backbone, DataPaths, Re
 from mae_transfer.reference import METHODS, lookup
 
 BASELINES = ("mae", "mocov3", "supervised")  # what ``--pretrain`` can produce (pretrain.baselines)
+# With the demo recipe (a tiny encoder, minutes of CPU) the published pretraining recipes are sized for
+# another scale: MAE's 8 x 512 decoder outweighs the encoder many times, MoCo v3's 4096-wide heads too,
+# and their base learning rates at batch 32 are ~1e-5.  These keep each method's recipe otherwise.
+DEMO_PRETRAIN_OPTIONS: dict[str, dict[str, Any]] = {
+    "mae": {"decoder_depth": 2, "decoder_dim": 128, "decoder_heads": 4, "blr": 8e-3},  # the demo's MAE
+    "mocov3": {"moco_proj_hidden": 512, "moco_pred_hidden": 512, "moco_dim": 128, "blr": 1.5e-3},
+    "supervised": {},
+}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -278,7 +286,8 @@ def pretrain_baselines(methods: Sequence[str], data: Path, out: Path, recipe: Re
         t = time.perf_counter()
         path = pretrain_backbone(method, data, out / "pretrain" / method, encoder=recipe.arch.name,
                                  encoder_kwargs=recipe.arch.overrides, img_size=recipe.img_size, epochs=epochs,
-                                 batch_size=batch_size, seed=seed, log=log)
+                                 batch_size=batch_size, seed=seed, log=log,
+                                 options=DEMO_PRETRAIN_OPTIONS[method] if recipe.name == "demo" else None)
         log(f"pretrained {method}: {path} ({time.perf_counter() - t:.0f} s)")
         found.append(Backbone(method, Path(path), method=method))
     return found

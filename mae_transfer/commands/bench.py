@@ -62,13 +62,10 @@ def run(args: argparse.Namespace) -> int:
         for task in tasks:
             data.require(task)
         if pretrain:
-            images = Path(args.data) if args.data else (data.classification / "train" if data.classification else None)
+            images = Path(args.data) if args.data else data.classification
             if images is None:
                 return fail("--pretrain needs --data DIR (class folders: the supervised baseline uses the labels)")
-            try:
-                backbones += pretrain_baselines(pretrain, images, out, recipe or Recipe.demo(), args.pretrain_epochs)
-            except ImportError as exc:
-                return fail(f"--pretrain needs pretrain.baselines.pretrain_backbone, which is not available ({exc})")
+            backbones += pretrain_baselines(pretrain, images, out, recipe or Recipe.demo(), args.pretrain_epochs)
         names = [b.name for b in backbones]
         for name in list(decays) + list(methods):
             if name not in names:

@@ -152,3 +152,29 @@ def test_cli_arch_mismatch_is_refused(tmp_path, tiny_checkpoint, capsys):
     rc = cli(["bench", f"a={tiny_checkpoint}", f"b={other}", "--imagenet", str(data), "--tasks", "linprobe",
               "--output", str(tmp_path / "out")])
     assert rc == 2 and "differ in architecture" in capsys.readouterr().err
+
+
+def test_pretrain_produces_the_three_controlled_baselines_with_one_budget(tiny_data, tmp_path):
+    """``pretrain_baselines`` runs the real MAE / MoCo v3 / supervised trainers with one budget; the
+    encoders record their method, load strictly into the recipe's ViT and differ from a fresh ViT."""
+    import torch
+
+    from mae_backbone import create_vit
+    from mae_backbone.checkpoint import read_checkpoint
+    from mae_transfer.bench import pretrain_baselines
+
+    arch = Arch.make("vit_tiny_patch16", depth=2, patch_size=8)
+    recipe = Recipe(arch=arch, img_size=32)
+    got = pretrain_baselines(["mae", "mocov3", "supervised"], tiny_data / "classification", tmp_path, recipe,
+                             epochs=1, batch_size=8, log=lambda s: None)
+    assert [b.name for b in got] == ["mae", "mocov3", "supervised"] == [b.method for b in got]
+    torch.manual_seed(0)
+    fresh = create_vit("vit_tiny_patch16", depth=2, patch_size=8, img_size=32).state_dict()
+    for b in got:
+        sd, meta = read_checkpoint(b.checkpoint)
+        assert meta.get("method") == b.method, meta
+        model = create_vit("vit_tiny_patch16", depth=2, patch_size=8, img_size=32)
+        model.load_state_dict(sd, strict=True)
+        assert not torch.equal(sd["blocks.0.attn.qkv.weight"], fresh["blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="known methods"):
+        pretrain_baselines(["simclr"], tiny_data / "classification", tmp_path, recipe, epochs=1)
