@@ -6,13 +6,13 @@ pipeline. ``add_vit_config`` adds the keys ``build_mae_vit_backbone`` reads to a
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from detectron2.config import CfgNode, LazyConfig, get_cfg
 from omegaconf import DictConfig, ListConfig
+from mae_backbone.keys import did_you_mean, init_params
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -30,29 +30,6 @@ TRAIN_KEYS = {
 }
 
 
-def _suggest(key: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _init_params(cls: type) -> set[str] | None:
-    """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up the MRO; None when open-ended."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        if klass is object:
-            return names
-        try:
-            params = inspect.signature(klass.__init__).parameters.values()
-        except (TypeError, ValueError):
-            return None
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return names
-    return None
-
-
 def call_params(target: Any) -> set[str] | None:
     """Argument names a LazyCall target accepts (None: any, it takes ``**kwargs`` we cannot follow).
 
@@ -68,10 +45,10 @@ def call_params(target: Any) -> set[str] | None:
     from mae_backbone import VisionTransformer, create_vit
 
     if target is create_vit:
-        params = _init_params(VisionTransformer)
+        params = init_params(VisionTransformer)
         return None if params is None else params | {"name"}
     if inspect.isclass(target):
-        return _init_params(target)
+        return init_params(target)
     try:
         params = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):
@@ -104,7 +81,7 @@ def check_lazy_config(cfg: Any, source: str = "config") -> None:
                     for key in node.keys():
                         if key != "_target_" and key not in known:
                             raise ConfigError(f"{source}: unknown key {f'{path}.{key}'!r}: {_target_name(target)} has no "
-                                              f"argument {key!r}{_suggest(key, known)}")
+                                              f"argument {key!r}{did_you_mean(key, known)}")
             for key in node.keys():
                 visit(node._get_node(key), f"{path}.{key}" if path else str(key))
         elif isinstance(node, ListConfig):
@@ -117,12 +94,12 @@ def check_lazy_config(cfg: Any, source: str = "config") -> None:
         for key in train.keys():
             if key not in TRAIN_KEYS:
                 raise ConfigError(f"{source}: unknown key 'train.{key}' (the training loop would ignore it)"
-                                  f"{_suggest(key, list(TRAIN_KEYS))}")
+                                  f"{did_you_mean(key, list(TRAIN_KEYS))}")
             sub = TRAIN_KEYS[key]
             if sub is not None and isinstance(train[key], DictConfig):
                 for k in train[key].keys():
                     if k not in sub:
-                        raise ConfigError(f"{source}: unknown key 'train.{key}.{k}'{_suggest(k, list(sub))}")
+                        raise ConfigError(f"{source}: unknown key 'train.{key}.{k}'{did_you_mean(k, list(sub))}")
 
 
 def add_vit_config(cfg: CfgNode) -> CfgNode:
@@ -179,9 +156,8 @@ def get_config_file(name: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     shipped = list_configs()
-    close = difflib.get_close_matches(str(name), shipped, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise FileNotFoundError(f"{name}: no such config file, nor a shipped one{hint} (shipped: {', '.join(shipped)})")
+    raise FileNotFoundError(f"{name}: no such config file, nor a shipped one{did_you_mean(str(name), shipped)} "
+                            f"(shipped: {', '.join(shipped)})")
 
 
 def list_configs() -> list[str]:
@@ -219,7 +195,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
             # a call's arguments may be added (model.backbone.net.depth=2); other dicts are closed
             if leaf not in node and "_target_" not in node:
                 raise ConfigError(f"{path.name}: no config key {key!r} to override"
-                                  f"{_suggest(leaf, [str(k) for k in node.keys()])}")
+                                  f"{did_you_mean(leaf, [str(k) for k in node.keys()])}")
         cfg = LazyConfig.apply_overrides(cfg, list(overrides))
         check_lazy_config(cfg, f"{path.name} with overrides")
         return cfg
@@ -248,7 +224,7 @@ def _yacs_hint(cfg: CfgNode, exc: Exception) -> str:
     for part in parent.split(".") if parent else []:
         node = node.get(part) if isinstance(node, CfgNode) else None
     known = [str(k) for k in node.keys()] if isinstance(node, CfgNode) else []
-    return f"unknown config key {key!r}{_suggest(leaf, known)}" if known else msg
+    return f"unknown config key {key!r}{did_you_mean(leaf, known)}" if known else msg
 
 
 def _select(cfg: Any, key: str) -> Any:

@@ -6,7 +6,6 @@ The recipe lives in the configs (``segmentation/configs``); these functions only
 from __future__ import annotations
 
 import argparse
-import difflib
 import inspect
 import os
 import os.path as osp
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
+from mae_backbone.keys import did_you_mean, init_params
 
 # keys Runner.from_cfg reads besides Runner.__init__'s arguments
 _RUNNER_EXTRA_KEYS = {"custom_imports", "runner_type", "launcher", "env_cfg", "log_level", "tta_model", "tta_pipeline",
@@ -66,31 +66,11 @@ def load_config(path: str | os.PathLike, options: Sequence[str] | dict[str, Any]
     for key in opts:
         top = key.split(".")[0]
         if top not in known:
-            close = difflib.get_close_matches(top, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"--cfg-options: unknown top-level key {top!r} in {key!r}{hint}")
+            raise ConfigError(f"--cfg-options: unknown top-level key {top!r} in {key!r}{did_you_mean(top, known)}")
     if opts:
         cfg.merge_from_dict(opts)
     check_model_keys(cfg.get("model"), str(path))
     return cfg
-
-
-def _init_params(cls: type) -> set[str] | None:
-    """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up the MRO; None when open-ended."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        if klass is object:
-            return names
-        try:
-            params = inspect.signature(klass.__init__).parameters.values()
-        except (TypeError, ValueError):
-            return None
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return names
-    return None
 
 
 def check_model_keys(model: Any, source: str = "config") -> None:
@@ -109,14 +89,12 @@ def check_model_keys(model: Any, source: str = "config") -> None:
         if isinstance(node, dict):
             kind = node.get("type")
             cls = kind if isinstance(kind, type) else MODELS.get(kind) if isinstance(kind, str) else None
-            known = _init_params(cls) if isinstance(cls, type) else None
+            known = init_params(cls) if isinstance(cls, type) else None
             if known is not None:
                 for key in node:
                     if key not in ("type", "_scope_", "_delete_") and key not in known:
-                        close = difflib.get_close_matches(key, sorted(known), n=1)
-                        hint = f"; did you mean {close[0]!r}?" if close else ""
                         raise ConfigError(f"{source}: unknown key {f'{path}.{key}'!r}: {cls.__name__} has no "
-                                          f"argument {key!r}{hint}")
+                                          f"argument {key!r}{did_you_mean(key, known)}")
             for key, value in node.items():
                 if not str(key).endswith("_cfg"):
                     visit(value, f"{path}.{key}")
