@@ -9,17 +9,6 @@ import pytest
 from cls_helpers import TINY_VIT, write_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~100x faster on one thread than on two busy shared cores (OpenMP waits)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     """4 classes, 12 train (PNG) + 6 val (JPEG) images each."""

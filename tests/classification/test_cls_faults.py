@@ -121,11 +121,6 @@ def fail_write_of(monkeypatch, name: str, nth: int, code: int, limit: int = 2000
     monkeypatch.setattr(mio, "open", fake_open, raising=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_here():
-    torch.set_num_threads(1)
-
-
 def test_a_full_disk_at_a_checkpoint_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, small, monkeypatch):
     data, enc = small
     out = tmp_path / "run"

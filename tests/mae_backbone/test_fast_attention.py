@@ -7,15 +7,6 @@ import torch
 from mae_backbone import create_vit
 from mae_backbone.layers import Attention, set_rel_pos_impl
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and steadier on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
     """Max deviation within ``rel`` of the reference's largest magnitude (fp32 rounding of sums)."""

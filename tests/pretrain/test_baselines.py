@@ -15,14 +15,6 @@ from pretrain.supervised import SUPERVISED_RECIPE
 ENCODER_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight the other tests' processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture
 def dataset(tmp_path, make_images):
     """An ImageNet-style root: train/ (16 images) and val/ (8), two classes."""

@@ -12,15 +12,6 @@ from pretrain.optim import LowPrecisionWeights, build_optimizer, set_lr
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and steadier on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def _setup(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor]]:
     torch.manual_seed(seed)

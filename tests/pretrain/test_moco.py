@@ -33,14 +33,6 @@ TINY_MOCO_RUN = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight the other tests' processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def tiny_moco(**kw):
     return create_moco("vit_tiny_patch16", **{**TINY_MOCO, **kw})
 

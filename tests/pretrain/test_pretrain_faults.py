@@ -36,14 +36,6 @@ TINY_FLAGS = ["--model", "mae_vit_tiny_patch16", "--img-size", "32",
               "--save-every", "1", "--log-every", "1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["pretrain", "--data", str(data), "--output", str(out), *TINY_FLAGS, *extra]
 

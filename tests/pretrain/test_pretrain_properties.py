@@ -13,14 +13,6 @@ from pretrain import create_mae
 from pretrain.masking import mask_noise, num_keep
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def tiny_mae(patch: int, grid: tuple[int, int] = (2, 2)):
     """A 1-block MAE with ``patch``-px patches (its own grid matters only for defaults)."""

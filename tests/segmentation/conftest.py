@@ -5,15 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from seg_helpers import tiny_config_text, torch_threads, write_ade_layout
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the models are tiny, and on a shared 2-core machine two OpenMP threads
-    contending with other processes are 10-100x slower than one (measured)."""
-    with torch_threads(1):
-        yield
+from seg_helpers import tiny_config_text, write_ade_layout
 
 
 @pytest.fixture(scope="session")
