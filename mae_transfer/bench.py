@@ -218,7 +218,7 @@ def resolve_arch(backbones: Sequence[Backbone], default: Arch) -> Arch:
 def run_bench(plan: BenchPlan, out: str | Path, log: Callable[[str], None] = print,
               runner: Callable[..., TaskResult] = run_task) -> BenchResult:
     """Run every cell of ``plan`` and write the table; ``runner`` is ``run_task`` (replaceable in tests)."""
-    out = Path(out)
+    out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     for task in plan.tasks:
         if task not in TASKS:

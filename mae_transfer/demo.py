@@ -852,7 +852,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, only: list[str
     ``plan`` overrides the sizes of ``quick``/``seed``; ``stages`` replaces ``STAGES`` (tests).
     """
     stages = STAGES if stages is None else stages
-    ctx = DemoContext(Path(out), plan or DemoPlan.make(quick, seed), stages=stages)
+    ctx = DemoContext(Path(out).absolute(), plan or DemoPlan.make(quick, seed), stages=stages)
     ctx.out.mkdir(parents=True, exist_ok=True)
     keys = [k for k in stages if only is None or k in only]
     finished = False

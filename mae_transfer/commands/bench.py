@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mae-transfer bench: error: {msg}", file=sys.stderr)
         return 2
 
-    out = Path(args.output)
+    out = Path(args.output).absolute()
     try:
         tasks = _csv(args.tasks)
         for t in tasks:

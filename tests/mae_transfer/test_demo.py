@@ -109,3 +109,17 @@ def test_checkpoint_arch_reads_overrides_and_sizes(tmp_path):
     assert arch == Arch.make("vit_tiny_patch16", depth=2, patch_size=8)
     assert arch.size is None and arch.dims["depth"] == 2
     assert Arch.make("vit_base_patch16").size == "B" and Arch.make("vit_base_patch16", depth=6).size is None
+
+
+def test_a_relative_output_folder_works_like_make_demo(tmp_path, monkeypatch):
+    """``make demo`` runs ``mae-transfer demo`` with the relative default ``demo_output``: the real data
+    and pretraining stages must find their files from there (a relative image list was once read
+    relative to itself, and every image went missing)."""
+    from dataclasses import replace
+
+    monkeypatch.chdir(tmp_path)
+    plan = replace(DemoPlan.make(quick=True), pretrain_epochs=1)
+    ctx = run_demo("demo_output", only=["data", "pretrain"], plan=plan, log=lambda s: None)
+    assert ctx.errors == {}
+    assert ctx.results["pretrain"]["images"] == 320 and ctx.results["pretrain"]["epochs"] == 1
+    assert (tmp_path / "demo_output" / "pretrain" / "encoder.safetensors").is_file()

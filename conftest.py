@@ -1,4 +1,6 @@
-"""Suite-wide: torch runs on one intra-op thread.
+"""Test-suite-wide (this file sits at the repository root, not in tests/: a conftest in tests/ would put
+tests/ on sys.path, where the test folders named like our packages would shadow them): torch runs on
+one intra-op thread.
 
 The tests use tiny models; on two cores that other processes (the kill tests' subprocesses, the
 machine's other jobs) also use, OpenMP's waiting between threads made them 10-100x slower than on
