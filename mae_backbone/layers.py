@@ -110,7 +110,8 @@ class Attention(nn.Module):
             q, k, v = rel_pos_qkv(q, k, v, self.rel_pos_h, self.rel_pos_w, hw, num_prefix, self.scale)
             x = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., : self.head_dim]
         else:  # "mask": the [B, heads, N, N] additive bias (reference path)
-            bias = rel_pos_bias(q[:, :, num_prefix:] * self.scale, self.rel_pos_h, self.rel_pos_w, hw)
+            # as ViTDet: the bias comes from the unscaled queries, only q . k is scaled
+            bias = rel_pos_bias(q[:, :, num_prefix:], self.rel_pos_h, self.rel_pos_w, hw)
             if num_prefix:
                 bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
@@ -131,7 +132,8 @@ def rel_pos_qkv(
 
     The bias of query ``(i, j)`` to key ``(k, l)`` is ``bias_h[(i, j), k] + bias_w[(i, j), l]``
     (``rel_pos_bias``).  Appending ``bias_h``, ``bias_w`` to each query and the one-hot row /
-    column of each key to each key makes ``q' . k' = scale * q . k + bias``; prefix tokens get
+    column of each key to each key makes ``q' . k' = scale * q . k + bias`` (the bias from the
+    unscaled queries, as in ViTDet); prefix tokens get
     zeros (no bias to or from them).  Values are zero-padded to the same width (fused CPU kernels
     want equal widths) and widths are padded to a multiple of 8 (GPU kernels).
 
@@ -148,9 +150,9 @@ def rel_pos_qkv(
     qs = q * scale
     r_h = _rel_pos_axis(rel_pos_h, h, h).to(q.dtype)  # [H, H, C]
     r_w = _rel_pos_axis(rel_pos_w, w, w).to(q.dtype)  # [W, W, C]
-    qsp = qs[:, :, num_prefix:].reshape(b, nh, h, w, c)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", qsp, r_h).reshape(b, nh, h * w, h)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", qsp, r_w).reshape(b, nh, h * w, w)
+    qp = q[:, :, num_prefix:].reshape(b, nh, h, w, c)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", qp, r_h).reshape(b, nh, h * w, h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", qp, r_w).reshape(b, nh, h * w, w)
     width = c + h + w
     extra = -width % 8
     q_bias = F.pad(torch.cat([bias_h, bias_w], dim=-1), (0, extra, num_prefix, 0))

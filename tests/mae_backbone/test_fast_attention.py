@@ -103,3 +103,35 @@ def test_intermediate_maps_are_contiguous_nchw():
     net = create_vit("vit_tiny_patch16", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
     for y in net.forward_intermediates(torch.randn(2, 3, 32, 32), [0, 1]):
         assert y.shape == (2, 32, 4, 4) and y.is_contiguous()  # not a channels-last view of the tokens
+
+
+@pytest.mark.parametrize("impl", ["fused", "mask"])
+@pytest.mark.parametrize("hw,prefix", [((4, 4), 0), ((3, 3), 1)])  # tables of the grid's size: no resampling
+def test_rel_pos_attention_follows_vitdet_bias_from_the_unscaled_query(impl, hw, prefix):
+    """ViTDet: logits[i, j] = scale * q_i . k_j + q_i . Rh[row(i) - row(j)] + q_i . Rw[col(i) - col(j)],
+    with the *unscaled* query in the bias terms (Detectron2's Attention passes q, not q * scale, to
+    add_decomposed_rel_pos).  Written here with explicit offsets, independent of the model's einsums;
+    random (non-zero) tables, so a scaled-query bias would be ~1/sqrt(head_dim) off."""
+    torch.manual_seed(0)
+    h, w = hw
+    dim, heads = 32, 2
+    attn = Attention(dim, heads, rel_pos_size=max(h, w)).eval()
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(std=0.5)
+        attn.rel_pos_w.normal_(std=0.5)
+    set_rel_pos_impl(attn, impl)
+    x = torch.randn(2, prefix + h * w, dim)
+    with torch.no_grad():
+        got = attn(x, hw, num_prefix=prefix)
+        hd = dim // heads
+        q, k, v = attn.qkv(x).reshape(2, -1, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = (q * hd ** -0.5) @ k.transpose(-2, -1)
+        size = max(h, w)  # tables of length 2 * size - 1; offset d sits at index d + size - 1
+        for i in range(h * w):
+            for j in range(h * w):
+                dr, dc = i // w - j // w, i % w - j % w
+                qi = q[:, :, prefix + i]
+                logits[:, :, prefix + i, prefix + j] += (qi * attn.rel_pos_h[dr + size - 1]).sum(-1)
+                logits[:, :, prefix + i, prefix + j] += (qi * attn.rel_pos_w[dc + size - 1]).sum(-1)
+        ref = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, -1, dim))
+    _close(got, ref, rel=1e-5)
