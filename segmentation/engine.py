@@ -176,8 +176,11 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     """Read a checkpoint the safe way before MMEngine does: refuse (``CheckpointError`` naming the
     file) a missing, truncated or bit-flipped one (sha256 of ``SafeCheckpointHook``) and one whose
     pickle would run code. Costs one extra read of the file."""
-    from mae_backbone.io import safe_torch_load
+    from mae_backbone.io import CheckpointError, safe_torch_load
 
+    if "://" in str(path):
+        raise CheckpointError(f"{path}: a remote checkpoint is not loaded directly (its contents could not be "
+                              "checked before use); download it and pass the local file")
     safe_torch_load(path)
 
 
@@ -196,7 +199,7 @@ def resume_checkpoint(work_dir: str | os.PathLike) -> str | None:
 
     work_dir = Path(work_dir)
     for stale in work_dir.glob(".*.pth.*.tmp"):  # left by a write that was killed midway
-        stale.unlink()
+        stale.unlink(missing_ok=True)  # every process of a multi-GPU run cleans up
         print_log(f"removed {stale}, left by an interrupted checkpoint write", logger="current")
     tag = work_dir / "last_checkpoint"
     named = tag.read_text().strip() if tag.is_file() else ""
@@ -281,10 +284,9 @@ def train(cfg: Config, resume: str | bool = False) -> Runner:
     if resume:
         path = resume_checkpoint(cfg.work_dir) if resume in (True, "auto") else str(resume)
         if path is not None:
-            verify_checkpoint(path)
             cfg.resume = True
             cfg.load_from = path
-    elif cfg.get("load_from"):
+    if cfg.get("load_from"):  # what MMEngine will load: the resume checkpoint, or the config's load_from
         verify_checkpoint(cfg.load_from)
     runner = build_runner(cfg)
     runner.train()

@@ -118,11 +118,24 @@ class FiniteLossHook(Hook):
                 bad[name] = v.tolist()
             elif isinstance(v, float) and not math.isfinite(v):
                 bad[name] = v
-        if bad:
+        if _any_process(bool(bad)):  # every process stops, also those whose own loss was finite
             raise NonFiniteLossError(
-                f"non-finite loss at iteration {runner.iter + 1} ({', '.join(f'{k}={v}' for k, v in bad.items())}): "
+                f"non-finite loss at iteration {runner.iter + 1} "
+                f"({', '.join(f'{k}={v}' for k, v in bad.items()) or 'in another process'}): "
                 "training stopped before writing a checkpoint of this iteration; the last checkpoint in "
                 f"{runner.work_dir} is the last good one")
+
+
+def _any_process(flag: bool) -> bool:
+    """``flag`` OR-ed over the processes of a distributed run (MMEngine averages gradients, not
+    ``log_vars``: one process's NaN loss reaches every process's weights)."""
+    from mmengine import dist
+
+    if dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor(float(flag), device=dist.get_comm_device())
+    dist.all_reduce(t, op="sum")
+    return bool(t.item() > 0)
 
 
 @register_backend("atomic_local")

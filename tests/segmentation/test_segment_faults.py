@@ -408,3 +408,12 @@ def test_an_image_cut_after_its_header_fails_loading_naming_the_file(tmp_path):
     ds = _dataset(root, pipeline=[dict(type="LoadImageFromFile")])
     with pytest.raises(AssertionError, match=re.escape(f"failed to load image: {image}")):
         ds.prepare_data(0)
+
+
+def test_a_remote_checkpoint_is_refused_before_mmengine_would_unpickle_it():
+    """MMEngine would fetch and torch.load a URL itself, unchecked; ours asks for a local file."""
+    from mae_backbone.io import CheckpointError
+    from segmentation.engine import verify_checkpoint
+
+    with pytest.raises(CheckpointError, match="download it"):
+        verify_checkpoint("https://example.com/upernet.pth")
