@@ -151,7 +151,8 @@ def _outside(values: list[float], side: float) -> bool:
 
 
 def check_image(path: str | os.PathLike) -> tuple[int, int]:
-    """Read an image file's header; return (width, height).
+    """Read an image file's header; return (width, height) as Detectron2 will see it (after the
+    EXIF orientation that ``detection_utils.read_image`` applies).
 
     Raises:
         DatasetError: naming the file: missing, empty (0 bytes), not an image PIL can read, 16 or
@@ -167,6 +168,8 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as im:  # the header only
             mode, size = im.mode, im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: Detectron2 rotates it upright
+                size = (size[1], size[0])
     except Image.DecompressionBombError as exc:
         raise DatasetError(f"{path}: refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
                            "if the image is meant to be this big") from None

@@ -460,3 +460,19 @@ def test_an_image_cut_after_its_header_fails_training_naming_the_file(tiny_coco,
                "--register-coco", "det_fault_cut", str(json_file), str(cut)])
     err = capsys.readouterr().err
     assert rc == 2 and re.search(rf"{cut}/00\d\.png: image file is truncated", err), err
+
+
+def test_an_exif_rotated_photo_is_checked_at_its_upright_size(tmp_path):
+    """Phone photos store 20x40 pixels with EXIF orientation 6; Detectron2's read_image turns them
+    upright (40x20 -> the json's width 20, height 40 after rotation), so registration must agree."""
+    from PIL import Image
+
+    from detection.data import check_image
+    from detectron2.data.detection_utils import read_image
+
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(path, exif=exif.tobytes())
+    assert read_image(str(path), format="RGB").shape[:2] == (40, 20)  # height 40, width 20
+    assert check_image(path) == (20, 40)
