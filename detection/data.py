@@ -168,7 +168,9 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as im:  # the header only
             mode, size = im.mode, im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: Detectron2 rotates it upright
+            # EXIF orientation 5-8: Detectron2 rotates the image upright. Only JPEG keeps EXIF in the
+            # header; PNG may keep it after the pixel data, and reading it would decode the image.
+            if im.format == "JPEG" and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 size = (size[1], size[0])
     except Image.DecompressionBombError as exc:
         raise DatasetError(f"{path}: refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
