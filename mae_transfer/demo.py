@@ -574,7 +574,13 @@ def stage_pretrain(ctx: DemoContext) -> None:
         "tensorboard": False,
     })
     result = train(cfg)
-    losses = [h["loss"] for h in result.history if h.get("type", "epoch") == "epoch" and "loss" in h]
+    # the run's whole log: a run resumed (or already finished) in this folder has only part of it in
+    # ``result.history``
+    by_epoch = {int(h["epoch"]): float(h["loss"]) for h in _log_records(ctx.out / "pretrain" / "log.jsonl")
+                if h.get("type") == "epoch" and "loss" in h and "epoch" in h}
+    losses = [by_epoch[e] for e in sorted(by_epoch)]
+    if not losses:
+        raise RuntimeError(f"{ctx.out / 'pretrain' / 'log.jsonl'}: no epoch was logged")
     ctx.artefacts["encoder"] = result.encoder
     ctx.results["pretrain"] = {"images": len(images), "epochs": result.epochs_done,
                                "first loss": round(losses[0], 4), "last loss": round(losses[-1], 4)}
@@ -584,6 +590,17 @@ def stage_pretrain(ctx: DemoContext) -> None:
     grids = sorted((ctx.out / "pretrain" / "vis").glob("*.png"))
     if grids:
         ctx.figures["reconstructions (original | masked | reconstruction | reconstruction + visible)"] = grids[-1]
+
+
+def _log_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a run log; a line cut by a kill is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _encoder(ctx: DemoContext) -> Path:

@@ -123,3 +123,6 @@ def test_a_relative_output_folder_works_like_make_demo(tmp_path, monkeypatch):
     assert ctx.errors == {}
     assert ctx.results["pretrain"]["images"] == 320 and ctx.results["pretrain"]["epochs"] == 1
     assert (tmp_path / "demo_output" / "pretrain" / "encoder.safetensors").is_file()
+    # again into the same folder: the finished pretraining is resumed (nothing to do), still reported
+    again = run_demo("demo_output", only=["pretrain"], plan=plan, log=lambda s: None)
+    assert again.errors == {} and again.results["pretrain"] == ctx.results["pretrain"]
