@@ -62,10 +62,16 @@ def run(args: argparse.Namespace) -> int:
         for task in tasks:
             data.require(task)
         if pretrain:
+            if recipe is None:
+                return fail("--pretrain runs with the demo recipe (a tiny encoder); at paper scale pretrain each "
+                            "baseline with `mae-transfer pretrain --method mae|mocov3|supervised` and pass it as NAME=PATH")
+            taken = sorted({b.name for b in backbones} & set(pretrain))
+            if taken:
+                return fail(f"backbone name(s) {', '.join(taken)} are also --pretrain methods; rename them")
             images = Path(args.data) if args.data else data.classification
             if images is None:
                 return fail("--pretrain needs --data DIR (class folders: the supervised baseline uses the labels)")
-            backbones += pretrain_baselines(pretrain, images, out, recipe or Recipe.demo(), args.pretrain_epochs)
+            backbones += pretrain_baselines(pretrain, images, out, recipe, args.pretrain_epochs)
         names = [b.name for b in backbones]
         for name in list(decays) + list(methods):
             if name not in names:

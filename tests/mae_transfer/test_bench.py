@@ -139,6 +139,14 @@ def test_cli_rejects_bad_input_with_a_clear_message(tmp_path, capsys):
     assert "needs its data (--ade DIR)" in capsys.readouterr().err
     assert cli(["bench", "random", "--seeds", "0,x", "--output", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert cli(["bench", f"mae={tmp_path / 'missing.pth'}", "--output", str(tmp_path)]) == 2  # checked first
+    capsys.readouterr()
+    (tmp_path / "mine.pth").write_bytes(b"")
+    assert cli(["bench", f"mae={tmp_path / 'mine.pth'}", "--pretrain", "mae", "--output", str(tmp_path)]) == 2
+    assert "also --pretrain methods" in capsys.readouterr().err
+    assert cli(["bench", "random", "--pretrain", "mae", "--imagenet", str(tmp_path), "--tasks", "linprobe",
+                "--output", str(tmp_path)]) == 2
+    assert "demo recipe" in capsys.readouterr().err
 
 
 def test_cli_arch_mismatch_is_refused(tmp_path, tiny_checkpoint, capsys):
