@@ -114,12 +114,10 @@ def note_failures(batch: dict[str, Any], stats: EpochStats, seen: set[str]) -> N
 
 
 @dataclass
-class StepSetup:
-    """The MAE's ``StepRecipe``: masked-patch reconstruction loss, cosine schedule via ``lr_at``."""
+class PretrainSteps:
+    """What the pretraining methods' ``StepRecipe``s share: the schedule ``lr_at``, autocast and the
+    loop's limits.  Subclasses add ``micro_batch`` (their loss) and ``after_step``."""
 
-    mask_ratio: float
-    masking: str
-    grid: tuple[int, int]
     accum_iter: int
     lr_at: Callable[[int], float]
     amp_dtype: torch.dtype | None
@@ -133,6 +131,15 @@ class StepSetup:
         lr = self.lr_at(step)
         set_lr(optimizer, lr)
         return lr
+
+
+@dataclass
+class StepSetup(PretrainSteps):
+    """The MAE's ``StepRecipe``: masked-patch reconstruction loss, cosine schedule via ``lr_at``."""
+
+    mask_ratio: float
+    masking: str
+    grid: tuple[int, int]
 
     def micro_batch(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> MicroBatch:
         """``batch`` from ``pretrain.data.collate``; each image's mask comes from its seed."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -41,8 +41,7 @@ from torch import nn
 
 from mae_backbone import VIT_ARCHS, VisionTransformer
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.engine import MicroBatch, amp_autocast
-from pretrain.optim import set_lr
+from pretrain.engine import MicroBatch, PretrainSteps, amp_autocast
 
 # the official recipe (ViT-S/B): projection 3 x 4096 -> 256, prediction 2 x 4096 -> 256, tau 0.2, m0 0.99
 MOCO_DEFAULTS: dict[str, Any] = dict(proj_hidden=4096, dim=256, pred_hidden=4096, temperature=0.2)
@@ -223,25 +222,12 @@ def build_moco_optimizer(model: MoCoV3, lr: float, weight_decay: float = 0.1) ->
 
 
 @dataclass
-class MocoStepSetup:
+class MocoStepSetup(PretrainSteps):
     """MoCo v3's ``pretrain.engine.StepRecipe``: the two crops' loss, the lr schedule ``lr_at``, and
     the momentum update after each optimizer step with m from ``momentum_at``."""
 
-    lr_at: Callable[[int], float]
     momentum: float  # m0
     total_steps: int
-    accum_iter: int
-    amp_dtype: torch.dtype | None
-    clip_grad: float | None
-    max_nonfinite: int
-    log_every: int
-    epochs: int
-    diverged_hint: ClassVar[str] = "Try a lower --blr, --clip-grad 3.0, or --precision bf16/fp32 instead of fp16."
-
-    def apply_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        lr = self.lr_at(step)
-        set_lr(optimizer, lr)
-        return lr
 
     def micro_batch(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> MicroBatch:
         """``batch["images"]``: [N, 2, C, H, W] from ``TwoCrops``.  A micro-batch left with one
