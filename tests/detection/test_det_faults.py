@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import importlib.util
 import json
 import os
 import pickle
@@ -38,6 +39,10 @@ from mae_transfer.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "tests" / "kill_harness.py"
+# FailingFile (a disk that fills up) lives with the other fault helpers; no tests/__init__.py, so by path
+_spec = importlib.util.spec_from_file_location("fault_harness", ROOT / "tests" / "pretrain" / "fault_harness.py")
+fh = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fh)  # type: ignore[union-attr]
 TINY = str(Path(__file__).parent / "configs" / "tiny_mask_rcnn_vitdet.py")
 MAX_ITER, PERIOD = 6, 2  # checkpoints after iterations 1, 3, 5 and model_final after 5
 RUN = [f"train.max_iter={MAX_ITER}", f"train.checkpointer.period={PERIOD}", "train.eval_period=0"]
@@ -126,28 +131,6 @@ def test_killed_twice_then_resumed_equals_the_uninterrupted_run(reference, tiny_
 
 
 # --------------------------------------------------------------------------- write failures
-class _FullDisk:
-    """A file whose writes fail with ENOSPC after the first 100 bytes."""
-
-    def __init__(self, f):
-        self.f, self.n = f, 0
-
-    def write(self, b) -> int:
-        self.n += len(b)
-        if self.n > 100:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.f.write(b)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EPERM])
 def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch, code):
     model = nn.Linear(4, 3)
@@ -162,7 +145,7 @@ def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_previous_one(tmp
         if "w" in mode and str(tmp_path) in os.fspath(file):
             if code == errno.EPERM:
                 raise PermissionError(code, os.strerror(code), os.fspath(file))
-            return _FullDisk(real_open(file, mode, *args, **kwargs))
+            return fh.FailingFile(real_open(file, mode, *args, **kwargs), 100, errno.ENOSPC)
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", failing_open)

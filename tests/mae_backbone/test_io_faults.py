@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import builtins
 import errno
+import importlib.util
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,11 @@ from mae_backbone.io import (
     safe_torch_load,
 )
 
+# FailingFile (a disk that fills up) lives with the other fault helpers; no tests/__init__.py, so by path
+_spec = importlib.util.spec_from_file_location("fault_harness", Path(__file__).parents[1] / "pretrain" / "fault_harness.py")
+fh = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fh)  # type: ignore[union-attr]
+
 
 def _state(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
@@ -43,37 +50,12 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-class FailingFile:
-    """A file object whose writes stop with ``OSError(code)`` once ``limit`` bytes were written."""
-
-    def __init__(self, f, limit: int, code: int):
-        self.f, self.limit, self.code, self.written = f, limit, code, 0
-
-    def write(self, data) -> int:
-        room = self.limit - self.written
-        if len(data) > room:
-            self.f.write(bytes(data[:max(room, 0)]))
-            self.written = self.limit
-            raise OSError(self.code, os.strerror(self.code))
-        self.written += len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def fail_writes(monkeypatch, limit: int, code: int) -> None:
     """Writes through ``mae_backbone.io`` fail with ``code`` after ``limit`` bytes (the OS layer)."""
 
     def fake_open(path, mode="r", *a, **kw):
         f = builtins.open(path, mode, *a, **kw)
-        return FailingFile(f, limit, code) if "w" in mode else f
+        return fh.FailingFile(f, limit, code) if "w" in mode else f
 
     monkeypatch.setattr(mio, "open", fake_open, raising=False)
 
