@@ -10,8 +10,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,6 @@ HARNESS = Path(__file__).parents[1] / "pretrain" / "fault_harness.py"
 _spec = importlib.util.spec_from_file_location("fault_harness", HARNESS)
 fh = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fh)  # type: ignore[union-attr]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def cli_args(protocol: str, data: Path, out: Path, checkpoint: Path | None, *extra: str) -> list[str]:
@@ -42,16 +39,6 @@ def cli_args(protocol: str, data: Path, out: Path, checkpoint: Path | None, *ext
             "--warmup-epochs", "1", "--num-workers", "0", "--no-tensorboard", "--no-progress", "--log-every", "1",
             "--device", "cpu"]
     return args + (["--checkpoint", str(checkpoint)] if checkpoint else []) + list(extra)
-
-
-def start(kill: str, argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HARNESS), kill, "--", *argv], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out + err
 
 
 @pytest.fixture(scope="module")
@@ -84,19 +71,19 @@ def test_sigkill_at_seeded_points_then_resume_equals_the_uninterrupted_run_bit_f
                                                                                       seed, epochs):
     data, enc = small
     flags = ["--epochs", str(epochs)] + (["--ema-decay", "0.9"] if protocol == "finetune" else [])
-    ref = start("none", cli_args(protocol, data, tmp_path / "ref", enc, *flags))
+    ref = fh.start("none", cli_args(protocol, data, tmp_path / "ref", enc, *flags))
     out = tmp_path / "run"
     kinds = ("step", "write", "replace") if protocol == "finetune" else ("write",)
     plan = fh.kill_plan(seed, epochs, steps_per_epoch=2, kinds=kinds)
     assert [p[0].split(":")[0] for p in plan] == list(kinds), plan
     for spec, saved in plan:
-        rc, text = finish(start(spec, cli_args(protocol, data, out, enc, *flags)))
+        rc, text = fh.finish(fh.start(spec, cli_args(protocol, data, out, enc, *flags)))
         assert rc == -signal.SIGKILL, (spec, text[-2000:])
         ckpt = out / CHECKPOINT_NAME
         assert (not ckpt.exists()) if saved == 0 else load_training_state(ckpt)["epoch"] == saved, (plan, spec)
-    rc, text = finish(start("none", cli_args(protocol, data, out, enc, *flags)))
+    rc, text = fh.finish(fh.start("none", cli_args(protocol, data, out, enc, *flags)))
     assert rc == 0, text[-3000:]
-    rc_ref, text_ref = finish(ref)
+    rc_ref, text_ref = fh.finish(ref)
     assert rc_ref == 0, text_ref[-3000:]
     runs = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["type"] == "run"]
     assert [r["start_epoch"] for r in runs] == [0] + [saved for _, saved in plan], plan

@@ -24,6 +24,7 @@ import io
 import os
 import random
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,6 +58,22 @@ class FailingFile:
 
     def __exit__(self, *exc):
         self.f.close()
+
+
+# the CLI runs in subprocesses on one thread each (they run alongside the reference run)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start(kill: str, argv: list[str]) -> subprocess.Popen:
+    """``mae-transfer ARGV`` in a subprocess through this harness, armed with ``kill`` (``arm``)."""
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), kill, "--", *argv], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    """Wait for a ``start``ed run: (exit status, its stdout + stderr)."""
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out + err
 
 
 def kill_plan(seed: int, epochs: int, steps_per_epoch: int,

@@ -8,8 +8,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fault_harness import EXPECTED, SUFFIX, FailingFile, kill_plan, same_state, write_images, write_kind
+from fault_harness import EXPECTED, SUFFIX, FailingFile, finish, kill_plan, same_state, start, write_images, write_kind
 from mae_backbone import io as mio
 from mae_backbone.checkpoint import read_checkpoint
 from mae_backbone.io import CheckpointWriteError
@@ -27,8 +25,6 @@ from pretrain.data import ImageFiles, build_transform, load_rgb
 from pretrain.state import load_training_state
 from pretrain.train import build_model, train
 
-HARNESS = Path(__file__).with_name("fault_harness.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY_FLAGS = ["--model", "mae_vit_tiny_patch16", "--img-size", "32",
               "--model-kwargs", json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}),
               "--decoder-depth", "1", "--decoder-dim", "32", "--decoder-heads", "2", "--num-workers", "0",
@@ -38,16 +34,6 @@ TINY_FLAGS = ["--model", "mae_vit_tiny_patch16", "--img-size", "32",
 
 def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["pretrain", "--data", str(data), "--output", str(out), *TINY_FLAGS, *extra]
-
-
-def start(kill: str, argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HARNESS), kill, "--", *argv], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out + err
 
 
 def log_records(out: Path, kind: str) -> list[dict]:
