@@ -32,7 +32,12 @@ from torch import nn
 
 from mae_backbone.formats import READERS, WRITERS, describe, detect_format, hf_config, read_hf_folder
 from mae_backbone.io import CheckpointError, atomic_write, atomic_write_bytes, atomic_torch_save, safe_torch_load
-from mae_backbone.pos_embed import resample_abs_pos_embed, resample_patch_embed, resample_rel_pos
+from mae_backbone.pos_embed import (
+    resample_abs_pos_embed,
+    resample_beit_rel_pos,
+    resample_patch_embed,
+    resample_rel_pos,
+)
 from mae_backbone.vit import VIT_ARCHS
 
 logger = logging.getLogger(__name__)
@@ -40,8 +45,11 @@ logger = logging.getLogger(__name__)
 FORMAT_TAG = "mae-transfer"
 FORMAT_VERSION = 1
 
-# Keys a dense-task model adds on top of a plain ViT; callers usually allow them to be missing.
-REL_POS_KEYS = ("blocks.*.attn.rel_pos_h", "blocks.*.attn.rel_pos_w")
+# Keys a dense-task model adds on top of a plain ViT; callers usually allow them to be missing
+# (zero-initialized relative position biases: the model then behaves as without them).
+REL_POS_KEYS = ("blocks.*.attn.rel_pos_h", "blocks.*.attn.rel_pos_w", "blocks.*.attn.relative_position_bias_table")
+# Layer scale (BEiT-style transfer, MMSeg's MAE config): absent from MAE's pretrained encoders.
+LAYER_SCALE_KEYS = ("blocks.*.ls1.gamma", "blocks.*.ls2.gamma")
 HEAD_KEYS = ("head.*", "fc_norm.*")
 
 
@@ -95,8 +103,8 @@ def save_checkpoint(
     if isinstance(weights, nn.Module):
         arch_meta = {k: getattr(weights, k) for k in ("embed_dim", "depth", "num_heads", "patch_size", "in_chans")
                      if hasattr(weights, k)}
-        if hasattr(weights, "img_size"):
-            arch_meta["img_size"] = list(weights.img_size)
+        if hasattr(weights, "img_size"):  # the size the stored pos_embed is made for
+            arch_meta["img_size"] = list(getattr(weights, "pretrain_img_size", weights.img_size))
     else:
         arch_meta = {}
     full_meta = {**infer_arch(sd), **arch_meta, **dict(meta or {})}
@@ -258,6 +266,14 @@ def _fit_pos_embed(ckpt: torch.Tensor, grid: tuple[int, int], old_grid: Any) -> 
     return out
 
 
+def _fit_beit_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A BEiT table of a square grid (the only kind its row count identifies) to ``grid``."""
+    side = (math.isqrt(table.shape[0] - 3) + 1) // 2
+    if (2 * side - 1) ** 2 + 3 != table.shape[0]:
+        raise CheckpointError(f"a BEiT relative position table of {table.shape[0]} rows is not made for a square grid")
+    return resample_beit_rel_pos(table, (side, side), grid)
+
+
 def load_checkpoint(
     model: nn.Module,
     src: str | Path | Mapping[str, torch.Tensor],
@@ -307,7 +323,7 @@ def load_checkpoint(
             continue
         what = f"{tuple(value.shape)} -> {tuple(want)}"
         if key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
-            fitted[key] = _fit_pos_embed(value, vit.grid_size, old_grid)
+            fitted[key] = _fit_pos_embed(value, getattr(vit, "pos_grid_size", vit.grid_size), old_grid)
             report.resampled[key] = what + " (bicubic)"
         elif key == "patch_embed.proj.weight" and value.shape[:2] == want[:2]:
             fitted[key] = resample_patch_embed(value, want[-2:])
@@ -315,6 +331,13 @@ def load_checkpoint(
         elif key.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) and value.shape[1:] == want[1:]:
             fitted[key] = resample_rel_pos(value, want[0])
             report.resampled[key] = what + " (linear)"
+        elif key.endswith("attn.relative_position_bias_table") and value.shape[1:] == want[1:]:
+            try:
+                fitted[key] = _fit_beit_table(value, vit.get_submodule(key.rsplit(".", 1)[0]).rel_pos_grid)
+            except CheckpointError as exc:
+                bad_shapes.append(f"{key}: {exc}")
+                continue
+            report.resampled[key] = what + " (bicubic over the offset grid)"
         elif _matches(key, allow_missing):
             report.skipped_by_shape[key] = what
         else:

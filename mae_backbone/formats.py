@@ -3,7 +3,10 @@
 "Ours" is the official MAE / timm key layout (``patch_embed.proj.*``, ``cls_token``,
 ``pos_embed``, ``blocks.{i}.norm1|attn.qkv|attn.proj|norm2|mlp.fc1|mlp.fc2``, ``norm``,
 ``fc_norm``, ``head``, and ViTDet's ``blocks.{i}.attn.rel_pos_h|w``).  A reader returns the state
-dict in that layout plus notes on everything it dropped; nothing is dropped silently.
+dict in that layout plus notes on everything it dropped; nothing is dropped silently. A writer
+leaves out only what the target layout has no place for (Detectron2's and HF VitDet's ViT have no
+class token, final norm or head: ``VITDET_ABSENT``); ``mae-transfer convert`` reads the written
+file back and names every tensor it does not carry.
 
 | format      | file                                             | reader drops (with a note)            |
 |-------------|--------------------------------------------------|---------------------------------------|
@@ -12,12 +15,14 @@ dict in that layout plus notes on everything it dropped; nothing is dropped sile
 | mae         | ``{"model": sd}``: official MAE pretrain/finetune, DeiT | decoder, mask token, distill token |
 | mocov3      | ``{"state_dict": {"module.base_encoder.*"}}``    | projection head, momentum encoder, predictor |
 | hf          | HF ``ViTModel`` / ``ViTMAEModel`` (+ ``vit.`` prefix), file or folder | MAE decoder, pooler |
+| hf-vitdet   | HF ``VitDetModel`` / ``VitDetBackbone`` state dict (``embeddings.projection``) | nothing |
 | detectron2  | ``{"model": {"backbone.net.*"}}`` (ViTDet)       | everything outside ``backbone.net.``  |
 | mmseg       | MMSeg ``VisionTransformer`` (``layers.{i}.ln1`` ...), optionally under ``state_dict``/``backbone.`` | decode heads |
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -112,6 +117,9 @@ _HF_TOP = {
 
 def read_hf(obj: Any, notes: Notes) -> StateDict:
     sd = _tensors(obj, "Hugging Face state dict")
+    if any(k.startswith(_VITDET_PATCH) for k in sd):  # a VitDet model folder reads as "hf" too
+        notes.append("HF VitDet layout (embeddings.projection, attention.qkv): read as 'hf-vitdet'")
+        return read_hf_vitdet(sd, notes)
     if any(k.startswith("vit.") for k in sd):
         sd = {k[4:] if k.startswith("vit.") else k: v for k, v in sd.items()}
     sd = _drop(sd, r"^(decoder\.|pooler\.)", "HF decoder/pooler", notes)
@@ -197,6 +205,98 @@ def hf_config(meta: dict[str, Any], sd: StateDict) -> dict[str, Any]:
     return cfg
 
 
+# --------------------------------------------------------------------------- Hugging Face VitDet
+# transformers' VitDetModel / VitDetBackbone: no class token, final norm or head; the absolute table
+# keeps the class token's slot ([1, 1 + (pretrain_image_size / patch)^2, D]), as ViTDet's.
+_VITDET_PATCH = "embeddings.projection."
+_VITDET_TOP = {
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.projection.bias": "patch_embed.proj.bias",
+}
+_VITDET_BLOCK = {  # inside encoder.layer.{i}. / blocks.{i}.
+    "norm1": "norm1",
+    "attention.qkv": "attn.qkv",
+    "attention.proj": "attn.proj",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_VITDET_REL_POS = {"attention.rel_pos_h": "attn.rel_pos_h", "attention.rel_pos_w": "attn.rel_pos_w"}
+# what a VitDet model has no place for: dropped by the writer (``mae-transfer convert`` lists them)
+VITDET_ABSENT = r"^(cls_token$|norm\.|fc_norm\.|head\.)"
+
+
+def read_hf_vitdet(obj: Any, notes: Notes) -> StateDict:
+    """HF ``VitDetModel`` / ``VitDetBackbone`` state dict -> ours (nothing dropped).
+
+    Residual bottleneck blocks (``encoder.layer.{i}.residual.*``) have no equivalent: an error.
+    """
+    sd = _tensors(obj, "HF VitDet state dict")
+    out: StateDict = {}
+    leftovers = []
+    for k, v in sd.items():
+        if k in _VITDET_TOP:
+            out[_VITDET_TOP[k]] = v
+            continue
+        m = re.match(r"^encoder\.layer\.(\d+)\.(.+)$", k)
+        name = None
+        if m:
+            rest = m.group(2)
+            if rest in _VITDET_REL_POS:
+                name = _VITDET_REL_POS[rest]
+            else:
+                mm = re.match(r"^(.+)\.(weight|bias)$", rest)
+                if mm and mm.group(1) in _VITDET_BLOCK:
+                    name = f"{_VITDET_BLOCK[mm.group(1)]}.{mm.group(2)}"
+        if name is None:
+            leftovers.append(k)
+        else:
+            out[f"blocks.{m.group(1)}.{name}"] = v
+    if leftovers:
+        raise CheckpointError(f"HF VitDet checkpoint: keys with no ViT equivalent (residual blocks are not "
+                              f"supported): {sorted(leftovers)[:8]}")
+    return out
+
+
+def write_hf_vitdet(sd: StateDict, meta: dict[str, Any]) -> Any:
+    """Ours -> an HF ``VitDetModel`` state dict (load it with ``load_state_dict(strict=True)``).
+
+    VitDet has no class token, final norm, ``fc_norm`` or head: those keys are left out
+    (``VITDET_ABSENT``; ``mae-transfer convert`` names them). Anything else without an equivalent
+    (layer scale, BEiT relative position tables) is an error, since leaving it out would change the
+    network. The config (window size, window blocks, image sizes) is not in a state dict: build a
+    ``VitDetConfig`` with ``window_block_indices`` = the blocks that are not global.
+    """
+    inv_top = {v: k for k, v in _VITDET_TOP.items()}
+    inv_rel = {v: k for k, v in _VITDET_REL_POS.items()}
+    inv_block = {v: k for k, v in _VITDET_BLOCK.items()}
+    out: StateDict = {}
+    for k, v in sd.items():
+        if k in inv_top:
+            if k == "pos_embed" and math.isqrt(v.shape[1] - 1) ** 2 != v.shape[1] - 1:
+                raise CheckpointError(f"HF VitDet wants pos_embed as [1, 1 + H*W, D] (a square grid after the class "
+                                      f"token's slot), got {list(v.shape)}")
+            out[inv_top[k]] = v
+            continue
+        if re.match(VITDET_ABSENT, k):
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
+        name = None
+        if m:
+            rest = m.group(2)
+            if rest in inv_rel:
+                name = inv_rel[rest]
+            else:
+                mm = re.match(r"^(.+)\.(weight|bias)$", rest)
+                if mm and mm.group(1) in inv_block:
+                    name = f"{inv_block[mm.group(1)]}.{mm.group(2)}"
+        if name is None:
+            raise CheckpointError(f"HF VitDet has no equivalent of {k!r}")
+        out[f"encoder.layer.{m.group(1)}.{name}"] = v
+    return out
+
+
 # --------------------------------------------------------------------------- Detectron2 (ViTDet)
 D2_PREFIX = "backbone.net."
 
@@ -207,8 +307,9 @@ def read_detectron2(obj: Any, notes: Notes) -> StateDict:
 
 
 def write_detectron2(sd: StateDict, meta: dict[str, Any]) -> Any:
-    """ViTDet's ``ViT`` has no class token, final norm or head; its pos_embed keeps the cls slot."""
-    keep = {k: v for k, v in sd.items() if not re.match(r"^(cls_token|norm\.|fc_norm\.|head\.)", k)}
+    """ViTDet's ``ViT`` has no class token, final norm or head (``VITDET_ABSENT``: left out, and
+    ``mae-transfer convert`` names them); its pos_embed keeps the cls slot."""
+    keep = {k: v for k, v in sd.items() if not re.match(VITDET_ABSENT, k)}
     return {"model": {D2_PREFIX + k: v for k, v in keep.items()}, "__author__": "mae-transfer",
             "matching_heuristics": False}
 
@@ -281,6 +382,7 @@ READERS: dict[str, Callable[[Any, Notes], StateDict]] = {
     "deit": read_mae,
     "mocov3": read_mocov3,
     "hf": read_hf,
+    "hf-vitdet": read_hf_vitdet,
     "detectron2": read_detectron2,
     "mmseg": read_mmseg,
 }
@@ -289,6 +391,7 @@ WRITERS: dict[str, Callable[[StateDict, dict[str, Any]], Any]] = {
     "mae": write_mae,
     "mocov3": write_mocov3,
     "hf": write_hf,
+    "hf-vitdet": write_hf_vitdet,
     "detectron2": write_detectron2,
     "mmseg": write_mmseg,
 }
@@ -312,6 +415,8 @@ def detect_format(obj: Any) -> str | None:
         if "patch_embed.proj.weight" in keys:
             return "mae"
     keys = [k for k in obj if isinstance(k, str)]
+    if any(k.startswith(_VITDET_PATCH) for k in keys):  # HF ViT's is embeddings.patch_embeddings.projection
+        return "hf-vitdet"
     if any("embeddings.patch_embeddings" in k for k in keys):
         return "hf"
     if any(k.startswith(("patch_embed.projection", "layers.0.ln1")) for k in keys):

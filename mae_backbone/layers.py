@@ -1,8 +1,9 @@
 """Transformer blocks of the ViT, owned here so that upstream refactors cannot break our keys.
 
 Parameter names follow the official MAE / timm layout (``norm1``, ``attn.qkv``, ``attn.proj``,
-``norm2``, ``mlp.fc1``, ``mlp.fc2``) and ViTDet's for the optional relative position tables
-(``attn.rel_pos_h``, ``attn.rel_pos_w``).
+``norm2``, ``mlp.fc1``, ``mlp.fc2``, layer scale ``ls1.gamma`` / ``ls2.gamma``), ViTDet's for the
+decomposed relative position tables (``attn.rel_pos_h``, ``attn.rel_pos_w``) and BEiT's for its
+relative position bias table (``attn.relative_position_bias_table``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,20 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from mae_backbone.pos_embed import resample_rel_pos
+from mae_backbone.pos_embed import _to_hw, resample_beit_rel_pos, resample_rel_pos
+
+REL_POS_KINDS = ("", "decomposed", "beit")
+
+
+def rel_pos_kind(rel_pos: bool | str | None) -> str:
+    """Normalize a ``rel_pos`` option: False/None/"" -> "", True/"decomposed" -> "decomposed", "beit"."""
+    if rel_pos is True:
+        return "decomposed"
+    if rel_pos in (False, None, ""):
+        return ""
+    if rel_pos in REL_POS_KINDS:
+        return str(rel_pos)
+    raise ValueError(f"rel_pos must be False, True, 'decomposed' or 'beit', got {rel_pos!r}")
 
 
 class Mlp(nn.Module):
@@ -71,17 +85,48 @@ def rel_pos_bias(
     return bias.reshape(b, nh, h * w, h * w)
 
 
+def beit_rel_pos_index(hw: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """BEiT's index into its bias table for a class token plus an H x W grid: [1+H*W, 1+H*W] long.
+
+    Spatial pairs index the offset ``(dh + H-1) * (2W-1) + (dw + W-1)`` (``dh`` = query row minus
+    key row); then row 0 (the class token as query) -> ``T-3``, column 0 (as key) -> ``T-2`` and
+    the corner (cls -> cls) -> ``T-1``, with ``T = (2H-1)(2W-1)+3`` rows in the table.
+    """
+    h, w = hw
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    offset = (rows[:, None] - rows[None, :] + h - 1) * (2 * w - 1) + (cols[:, None] - cols[None, :] + w - 1)
+    total = (2 * h - 1) * (2 * w - 1) + 3
+    index = torch.empty(h * w + 1, h * w + 1, dtype=torch.long, device=device)
+    index[1:, 1:] = offset
+    index[0, :] = total - 3
+    index[:, 0] = total - 2
+    index[0, 0] = total - 1
+    return index
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with optional decomposed relative position bias.
+    """Multi-head self-attention with an optional relative position bias.
 
     ``forward(x, hw, num_prefix)``: ``x`` is [B, P+H*W, D] with P prefix tokens (class token)
-    first.  The relative bias covers spatial tokens only (zero to and from prefix tokens).
-    With the bias, ``rel_pos_impl`` picks how it is applied: ``"fused"`` (default) folds it into
-    the queries and keys (``rel_pos_qkv``) so the fused attention kernel runs without an
-    [N, N] mask; ``"mask"`` builds the [B, heads, N, N] additive mask (reference, more memory).
+    first.
+
+    Relative position kinds (``rel_pos``):
+    - ``"decomposed"`` (ViTDet / MViTv2): tables ``rel_pos_h``, ``rel_pos_w`` of ``2S-1`` rows
+      (``S = rel_pos_size``), the bias computed from the unscaled queries; it covers spatial tokens
+      only (zero to and from prefix tokens). ``rel_pos_impl`` picks how it is applied:
+      ``"fused"`` (default) folds it into the queries and keys (``rel_pos_qkv``) so the fused
+      attention kernel runs without an [N, N] mask; ``"mask"`` builds the [B, heads, N, N]
+      additive mask (reference, more memory).
+    - ``"beit"`` (BEiT; MMSeg's ``MAE`` backbone): one learned bias per head and 2-D offset,
+      ``relative_position_bias_table`` [(2Gh-1)(2Gw-1)+3, heads] for the grid ``rel_pos_grid``,
+      including the class-token entries; it needs exactly one prefix token. Inputs on another
+      grid use the table resampled bicubically.
+    Both are zero-initialized: a checkpoint without them behaves exactly as a plain ViT.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_size: int = 0):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_size: int = 0,
+                 rel_pos: str = "decomposed", rel_pos_grid: int | tuple[int, int] = 0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -90,18 +135,44 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.use_rel_pos = rel_pos_size > 0
+        kind = rel_pos_kind(rel_pos)
+        self.use_rel_pos = kind == "decomposed" and rel_pos_size > 0
+        self.use_beit_rel_pos = kind == "beit"
         if self.use_rel_pos:
             # zero init: a plain MAE checkpoint behaves exactly as without the bias
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
+        if self.use_beit_rel_pos:
+            grid = _to_hw(rel_pos_grid)
+            if min(grid) < 1:
+                raise ValueError(f"BEiT relative position bias needs the token grid, got rel_pos_grid={rel_pos_grid!r}")
+            self.rel_pos_grid = grid
+            rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+            # derived from the grid, so not stored in checkpoints (MMSeg stores it: its reader drops it)
+            self.register_buffer("relative_position_index", beit_rel_pos_index(grid), persistent=False)
         self.rel_pos_impl = "fused"  # or "mask"; see ``set_rel_pos_impl``
+
+    def beit_bias(self, hw: tuple[int, int]) -> torch.Tensor:
+        """The BEiT bias for a class token plus an ``hw`` grid: [heads, 1+H*W, 1+H*W]."""
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        if tuple(hw) != self.rel_pos_grid:
+            table = resample_beit_rel_pos(table, self.rel_pos_grid, hw)
+            index = beit_rel_pos_index(hw, device=table.device)
+        n = index.shape[0]
+        return table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, hd]
-        if not self.use_rel_pos:
+        if self.use_beit_rel_pos:
+            if num_prefix != 1:
+                raise ValueError("the BEiT relative position bias needs the class token (one prefix token) "
+                                 f"in the blocks, got {num_prefix} prefix tokens")
+            bias = self.beit_bias(hw).to(q.dtype)  # added to the scaled logits, as in BEiT
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        elif not self.use_rel_pos:
             if q.device.type == "cpu" and q.dtype == torch.bfloat16 and n <= EXPLICIT_ATTENTION_MAX_TOKENS:
                 x = explicit_attention(q, k, v, self.scale)
             else:
@@ -199,13 +270,26 @@ def window_unpartition(x: torch.Tensor, padded_hw: tuple[int, int], hw: tuple[in
     return x.reshape(b, h * w, d)
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale ``x * gamma`` (CaiT; BEiT's ``gamma_1`` / ``gamma_2``): [..., D] -> [..., D]."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x)))``.
 
     Args:
         window_size: 0 for global attention, else non-overlapping windows of this many patches
             (then the input must carry no prefix tokens).
-        rel_pos_size: 0 for none, else the grid side the relative tables are made for.
+        rel_pos_size: for decomposed tables: 0 for none, else the grid side they are made for.
+        rel_pos: ``"decomposed"`` or ``"beit"`` (see ``Attention``); rel_pos_grid: BEiT's grid.
+        init_values: layer scale (``ls1.gamma``, ``ls2.gamma`` filled with it); None for none.
     """
 
     def __init__(
@@ -218,14 +302,22 @@ class Block(nn.Module):
         norm_eps: float = 1e-6,
         window_size: int = 0,
         rel_pos_size: int = 0,
+        rel_pos: str = "decomposed",
+        rel_pos_grid: int | tuple[int, int] = 0,
+        init_values: float | None = None,
     ):
         super().__init__()
         self.window_size = window_size
+        if window_size and rel_pos_kind(rel_pos) == "beit":
+            raise ValueError("the BEiT relative position bias needs global attention (window_size=0)")
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, rel_pos_size=rel_pos_size)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, rel_pos_size=rel_pos_size, rel_pos=rel_pos,
+                              rel_pos_grid=rel_pos_grid)
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
         """x: [B, P+H*W, D] -> [B, P+H*W, D]."""
@@ -238,5 +330,5 @@ class Block(nn.Module):
             y = window_unpartition(y, padded, hw, self.window_size)
         else:
             y = self.attn(y, hw, num_prefix)
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(y))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mae_backbone.layers import Block
+from mae_backbone.layers import Block, rel_pos_kind
 from mae_backbone.pos_embed import _to_hw, resample_abs_pos_embed, sincos_2d_pos_embed
 
 # name -> (embed_dim, depth, num_heads, patch_size)
@@ -57,8 +57,13 @@ class VisionTransformer(nn.Module):
     """ViT encoder in the official MAE / timm state-dict layout.
 
     Args:
-        img_size: the input size the absolute position embedding is made for (int or (H, W));
-            other input sizes resample it on the fly (bicubic).
+        img_size: the input size the model is made for (int or (H, W)): it sizes the absolute
+            position embedding (unless ``pretrain_img_size`` is given) and the relative position
+            tables of global blocks; other input sizes resample them on the fly.
+        pretrain_img_size: keep the absolute position embedding at this (pretraining) size and
+            interpolate it to the input's grid on every forward (bicubic, ``align_corners=False``,
+            no anti-aliasing), as ViTDet does (``pretrain_img_size=224`` with ``img_size=1024``:
+            ``pos_embed`` stays [1, 1+14*14, D]). None: the table is made for ``img_size``.
         patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the architecture.
         norm_eps: LayerNorm epsilon (1e-6 as in MAE).
         drop_path_rate: stochastic depth, linearly increasing over the blocks.
@@ -70,7 +75,12 @@ class VisionTransformer(nn.Module):
         window_size: 0 (default) for global attention everywhere; else window attention of this
             many patches in every block not in ``global_blocks`` (ViTDet).
         global_blocks: block indices that keep global attention when windows are used.
-        rel_pos: add decomposed relative position biases (zero-initialized) to every block.
+        rel_pos: relative position bias in every block, zero-initialized: ``False``; ``True`` or
+            ``"decomposed"`` (ViTDet's ``rel_pos_h`` / ``rel_pos_w``, sized by the window or by
+            ``img_size`` in global blocks); ``"beit"`` (BEiT's per-block table with class-token
+            entries, as MMSeg's ``MAE`` backbone; global attention only).
+        init_values: layer scale (``blocks.i.ls1.gamma`` / ``ls2.gamma``, BEiT's ``gamma_1/2``)
+            initialized to this value; None for none (MAE).
         grad_checkpointing: recompute block activations in backward (saves memory).
         dense_cls: whether the class token travels through the blocks in
             ``forward_intermediates``; default: yes with global attention (as in pretraining),
@@ -94,9 +104,11 @@ class VisionTransformer(nn.Module):
         pos_embed_learnable: bool = False,
         window_size: int = 0,
         global_blocks: Iterable[int] = (),
-        rel_pos: bool = False,
+        rel_pos: bool | str = False,
         grad_checkpointing: bool = False,
         dense_cls: bool | None = None,
+        pretrain_img_size: int | Sequence[int] | None = None,
+        init_values: float | None = None,
     ):
         super().__init__()
         self.img_size = _to_hw(img_size)
@@ -112,24 +124,30 @@ class VisionTransformer(nn.Module):
         bad = [i for i in self.global_blocks if not 0 <= i < depth]
         if bad:
             raise ValueError(f"global_blocks {bad} out of range for depth {depth}")
-        self.rel_pos = rel_pos
+        self.rel_pos = rel_pos_kind(rel_pos)
         self.grad_checkpointing = grad_checkpointing
         if dense_cls and window_size:
             raise ValueError("dense_cls=True cannot be combined with window attention")
         self.dense_cls = (window_size == 0) if dense_cls is None else bool(dense_cls)
+        if self.rel_pos == "beit" and (window_size or not self.dense_cls):
+            raise ValueError("rel_pos='beit' needs global attention with the class token in the blocks "
+                             "(window_size=0, dense_cls not False); ViTDet's windows use rel_pos='decomposed'")
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.pretrain_img_size = self.img_size if pretrain_img_size is None else _to_hw(pretrain_img_size)
+        self.pos_grid_size = (self.pretrain_img_size[0] // patch_size, self.pretrain_img_size[1] // patch_size)
+        self.init_values = init_values
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(
-            sincos_2d_pos_embed(embed_dim, self.grid_size, cls_token=True).unsqueeze(0),
+            sincos_2d_pos_embed(embed_dim, self.pos_grid_size, cls_token=True).unsqueeze(0),
             requires_grad=pos_embed_learnable,
         )
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, as in timm
         blocks = []
         for i in range(depth):
             windowed = window_size > 0 and i not in self.global_blocks
-            rel_size = (window_size if windowed else max(self.grid_size)) if rel_pos else 0
+            rel_size = (window_size if windowed else max(self.grid_size)) if self.rel_pos == "decomposed" else 0
             blocks.append(
                 Block(
                     embed_dim,
@@ -140,6 +158,9 @@ class VisionTransformer(nn.Module):
                     norm_eps=norm_eps,
                     window_size=window_size if windowed else 0,
                     rel_pos_size=rel_size,
+                    rel_pos=self.rel_pos,
+                    rel_pos_grid=self.grid_size,
+                    init_values=init_values,
                 )
             )
         self.blocks = nn.ModuleList(blocks)
@@ -218,8 +239,9 @@ class VisionTransformer(nn.Module):
         return out
 
     def pos_embed_for(self, hw: tuple[int, int]) -> torch.Tensor:
-        """The position embedding [1, 1+H*W, D] for a patch grid (resampled when it differs)."""
-        return resample_abs_pos_embed(self.pos_embed, hw, old_size=self.grid_size)
+        """The position embedding [1, 1+H*W, D] for a patch grid, resampled from the table's grid
+        (``pos_grid_size``) when it differs: bicubic, ``align_corners=False``, no anti-aliasing."""
+        return resample_abs_pos_embed(self.pos_embed, hw, old_size=self.pos_grid_size)
 
     def prepare_tokens(self, x: torch.Tensor, keep_cls: bool = True) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch-embed and add position embeddings: [B, C, H, W] -> [B, (1+)L, D], grid."""
