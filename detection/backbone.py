@@ -269,6 +269,7 @@ def vit_from_cfg(cfg, in_chans: int = 3) -> VisionTransformer:
     v = cfg.MODEL.VIT
     overrides = dict(
         img_size=v.IMG_SIZE,
+        pretrain_img_size=v.PRETRAIN_IMG_SIZE or None,
         in_chans=in_chans,
         window_size=v.WINDOW_SIZE,
         global_blocks=tuple(v.GLOBAL_BLOCKS),

@@ -108,7 +108,10 @@ def add_vit_config(cfg: CfgNode) -> CfgNode:
     Then ``MODEL.BACKBONE.NAME: "build_mae_vit_backbone"`` in a user's own yaml builds our backbone.
 
     - ``MODEL.VIT.NAME``: a ``mae_backbone`` architecture (``vit_base_patch16`` ...).
-    - ``IMG_SIZE``: the detection resolution the pos-embed is resampled to (1024).
+    - ``IMG_SIZE``: the detection resolution (1024); it sizes the global blocks' rel-pos tables.
+    - ``PRETRAIN_IMG_SIZE``: the grid the absolute position table keeps (224: 14x14 + class slot,
+      ViTDet's ``pretrain_img_size``), interpolated to the input's grid on every forward; 0 keeps
+      it at ``IMG_SIZE`` instead (resampled once, on load).
     - ``PATCH_SIZE``, ``DEPTH``: 0 keeps the architecture's (ViT-H runs at patch 16, as in ViTDet).
     - ``WINDOW_SIZE`` (0 = global everywhere), ``GLOBAL_BLOCKS``, ``REL_POS``, ``DROP_PATH_RATE``,
       ``GRAD_CHECKPOINTING``: the ViT's dense options.
@@ -125,6 +128,7 @@ def add_vit_config(cfg: CfgNode) -> CfgNode:
     v = cfg.MODEL.VIT
     v.NAME = "vit_base_patch16"
     v.IMG_SIZE = 1024
+    v.PRETRAIN_IMG_SIZE = 224
     v.PATCH_SIZE = 0
     v.DEPTH = 0
     v.WINDOW_SIZE = 14

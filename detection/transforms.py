@@ -5,7 +5,9 @@ Detectron2's ``FixedSizeCrop`` crops polygon masks with fvcore's ``CropTransform
 ``FixedSizeCrop`` here is Detectron2's, with the crop's polygons clipped to the crop window in
 numpy (Sutherland-Hodgman against the rectangle). A concave polygon that the window cuts in two
 stays one polygon joined along the window edge by a zero-area seam, which rasterizes to the same
-mask up to edge pixels; everything else (images, boxes, RLE masks, padding) is Detectron2's code.
+mask up to edge pixels; everything else (images, boxes, RLE masks, padding) is Detectron2's code,
+including its ``pad`` argument (default ``True``; ViTDet's LSJ uses ``pad=False``: an image smaller
+than the crop stays as it is, and the model pads the batch with zeros after normalization).
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ class ClippingCropTransform(CropTransform):
 
 
 class FixedSizeCrop(T.FixedSizeCrop):
-    """Detectron2's ``FixedSizeCrop`` (random crop to ``crop_size``, pad to it), shapely-free."""
+    """Detectron2's ``FixedSizeCrop`` (random crop to ``crop_size``, then pad to it unless
+    ``pad=False``), shapely-free. Arguments as Detectron2's: ``crop_size``, ``pad``, ``pad_value``."""
 
     def get_transform(self, image: np.ndarray) -> TransformList:
         transforms = []

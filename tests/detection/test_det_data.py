@@ -131,3 +131,28 @@ def test_lsj_crop_moves_polygons_into_the_crop_without_shapely():
     crop = next(t for t in transforms.transforms if hasattr(t, "x0"))
     inside = (min(120, crop.x0 + 64) - max(40, crop.x0)) * 20
     assert inst.gt_masks.area().item() == pytest.approx(inside)
+
+
+def test_vitdet_lsj_does_not_pad_training_images():
+    """ViTDet's LSJ: ``FixedSizeCrop((1024, 1024), pad=False)``; an image that ``ResizeScale`` made smaller
+    than the crop stays smaller (Detectron2's default ``pad=True`` fills it to 1024 with grey)."""
+    from detectron2.config import instantiate
+
+    augs = instantiate(load_config("mask_rcnn_vitdet_b_100ep").dataloader.train.mapper.augmentations)
+    assert isinstance(augs[-1], FixedSizeCrop) and augs[-1].pad is False
+    image = np.full((480, 640, 3), 7, dtype=np.uint8)
+    np.random.seed(0)
+    shapes = []
+    for _ in range(8):
+        aug = T.AugInput(image)
+        T.AugmentationList(augs)(aug)
+        shapes.append(aug.image.shape[:2])
+        assert (aug.image != 128).all()  # no grey padding anywhere
+    assert all(h <= 1024 and w <= 1024 for h, w in shapes) and any(h < 1024 for h, w in shapes), shapes
+    small = T.AugInput(image)  # 480x640 -> x0.5 of the 1024 fit: 384x512
+    transforms = T.AugmentationList([T.ResizeScale(0.5, 0.5, 1024, 1024), augs[-1]])(small)
+    assert small.image.shape[:2] == (384, 512)
+    assert not any(isinstance(t, T.PadTransform) for t in transforms.transforms)
+    padded = T.AugInput(image)
+    T.AugmentationList([T.ResizeScale(0.5, 0.5, 1024, 1024), FixedSizeCrop(crop_size=(1024, 1024), pad=True)])(padded)
+    assert padded.image.shape[:2] == (1024, 1024) and (padded.image[400:, :] == 128).all()

@@ -1,4 +1,4 @@
-"""COCO 2017 with ViTDet's large-scale jitter at 1024 px (LSJ: flip, resize x0.1-2.0, crop/pad 1024).
+"""COCO 2017 with ViTDet's large-scale jitter at 1024 px (LSJ: flip, resize x0.1-2.0, crop 1024, no padding).
 
 Dataset names resolve through Detectron2's catalog: ``coco_2017_*`` under ``$DETECTRON2_DATASETS``,
 or a name registered with ``mae-transfer detect ... --register-coco NAME JSON IMAGE_DIR``.
@@ -27,7 +27,7 @@ dataloader.train = L(build_detection_train_loader)(
         augmentations=[
             L(T.RandomFlip)(horizontal=True),
             L(T.ResizeScale)(min_scale=0.1, max_scale=2.0, target_height=image_size, target_width=image_size),
-            L(FixedSizeCrop)(crop_size=(image_size, image_size)),  # Detectron2's, without shapely
+            L(FixedSizeCrop)(crop_size=(image_size, image_size), pad=False),  # ViTDet: no padding; shapely-free
         ],
         image_format="RGB",
         use_instance_mask=True,

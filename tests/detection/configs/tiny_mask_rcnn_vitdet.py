@@ -38,7 +38,7 @@ dataloader.train.num_workers = 0
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
     L(T.ResizeScale)(min_scale=0.8, max_scale=1.2, target_height=_size, target_width=_size),
-    L(FixedSizeCrop)(crop_size=(_size, _size)),
+    L(FixedSizeCrop)(crop_size=(_size, _size), pad=False),  # as the recipe (ViTDet)
 ]
 dataloader.test.dataset.names = "tiny_val"
 dataloader.test.num_workers = 0
