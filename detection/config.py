@@ -120,7 +120,9 @@ def add_vit_config(cfg: CfgNode) -> CfgNode:
     - ``OUT_BLOCKS``: the FPN variant's blocks ([] = four evenly spaced).
     - ``NORM``: the pyramid's norm (``"LN"``, any Detectron2 norm, ``""``).
     - ``SQUARE_PAD``: pad inputs to this square side (0 = off).
-    - ``LAYER_DECAY`` and ``SOLVER.OPTIMIZER`` (``"ADAMW"`` or ``"SGD"``): read by
+    - ``LAYER_DECAY``, ``NO_WEIGHT_DECAY`` (parameter names without weight decay: ViTDet's
+      ``["pos_embed"]``; ``SOLVER.WEIGHT_DECAY_NORM`` is Detectron2's own key for norm layers) and
+      ``SOLVER.OPTIMIZER`` (``"ADAMW"`` or ``"SGD"``): read by
       ``detection.engine.build_vit_optimizer`` (``ViTTrainer.build_optimizer``); Detectron2's own
       ``DefaultTrainer`` builds SGD and does not read them.
     """
@@ -142,6 +144,7 @@ def add_vit_config(cfg: CfgNode) -> CfgNode:
     v.NORM = "LN"
     v.SQUARE_PAD = 1024
     v.LAYER_DECAY = 0.7
+    v.NO_WEIGHT_DECAY = ["pos_embed"]
     if "OPTIMIZER" not in cfg.SOLVER:
         cfg.SOLVER.OPTIMIZER = "ADAMW"
     return cfg

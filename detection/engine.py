@@ -194,9 +194,16 @@ def load_trained_model(cfg: Any, weights: str | None, trust_pickle: bool = False
 
 
 def build_vit_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """yacs: ``SOLVER.OPTIMIZER`` (``ADAMW`` / ``SGD``) over layer-decayed groups (``MODEL.VIT.LAYER_DECAY``)."""
+    """yacs: ``SOLVER.OPTIMIZER`` (``ADAMW`` / ``SGD``) over layer-decayed groups (``MODEL.VIT.LAYER_DECAY``),
+    with ViTDet's weight-decay rule (``SOLVER.WEIGHT_DECAY_NORM``, ``MODEL.VIT.NO_WEIGHT_DECAY``)."""
     s = cfg.SOLVER
-    groups = get_vit_param_groups(model, s.BASE_LR, s.WEIGHT_DECAY, cfg.MODEL.VIT.LAYER_DECAY)
+    ignored = [k for k, unset in (("WEIGHT_DECAY_BIAS", None), ("BIAS_LR_FACTOR", 1.0)) if s.get(k, unset) != unset]
+    if ignored:
+        raise ConfigError(f"SOLVER.{ignored[0]} is not read by the ViT optimizer (ViTDet's rule: biases are decayed "
+                          "like weights, at the layer-decayed lr); remove it")
+    groups = get_vit_param_groups(model, s.BASE_LR, s.WEIGHT_DECAY, cfg.MODEL.VIT.LAYER_DECAY,
+                                  weight_decay_norm=s.WEIGHT_DECAY_NORM,
+                                  no_weight_decay=list(cfg.MODEL.VIT.NO_WEIGHT_DECAY))
     kind = s.OPTIMIZER.upper()
     if kind == "ADAMW":
         opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=s.BASE_LR, betas=(0.9, 0.999),

@@ -65,3 +65,35 @@ def test_the_yaml_trains_in_the_default_trainer_pipeline(tiny_coco, tmp_path):
                       "MODEL.ROI_MASK_HEAD.NUM_CONV": 1})
     model = build_model(cfg)
     SafeDetectionCheckpointer(model).load(str(tmp_path / "model_final.pth"))  # weights_only, all keys match
+
+
+@pytest.mark.parametrize("pretrain, tokens", [(224, 1 + 14 * 14), (0, 1 + 4 * 4)])
+def test_pretrain_img_size_keeps_vitdets_position_table(pretrain, tokens):
+    """MODEL.VIT.PRETRAIN_IMG_SIZE 224 (the yaml's, ViTDet's): pos_embed stays [1, 197, D], interpolated
+    to the input's grid on every forward; 0 keeps the table at IMG_SIZE."""
+    backbone = build_backbone(tiny_cfg(**{"MODEL.VIT.PRETRAIN_IMG_SIZE": pretrain}))
+    assert backbone.net.pos_embed.shape == (1, tokens, 192)
+    assert tiny_cfg().MODEL.VIT.PRETRAIN_IMG_SIZE == 224
+
+
+def test_yacs_optimizer_equals_detectron2s_rule_as_vitdet_configures_it():
+    """build_vit_optimizer: Detectron2's get_default_optimizer_params(weight_decay_norm=SOLVER.WEIGHT_DECAY_NORM,
+    overrides={"pos_embed": {"weight_decay": 0}}) with ViTDet's layer decay; AdamW betas (0.9, 0.999)."""
+    from detectron2.solver import get_default_optimizer_params
+
+    from detection.config import ConfigError
+    from detection.engine import build_vit_optimizer
+
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    opt = build_vit_optimizer(cfg, model)
+    assert type(opt).__name__ == "AdamW" and all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+    ours = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    theirs = {id(p): g["weight_decay"] for g in get_default_optimizer_params(
+        model, weight_decay=0.1, weight_decay_norm=0.0, overrides={"pos_embed": {"weight_decay": 0.0}})
+        for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert ours[id(p)] == theirs[id(p)], name
+    cfg.merge_from_list(["SOLVER.WEIGHT_DECAY_BIAS", "0.0"])
+    with pytest.raises(ConfigError, match="WEIGHT_DECAY_BIAS is not read"):
+        build_vit_optimizer(cfg, model)
