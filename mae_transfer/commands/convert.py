@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the parser builds without importing torch
+    import torch
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,8 +25,34 @@ def run(args: argparse.Namespace) -> int:
     if args.licence:
         out_meta["licence"] = args.licence
     dst = write_checkpoint(sd, args.dst, args.to, out_meta)
-    print(f"wrote {len(sd)} tensors as {args.to!r} to {dst}")
+    dropped = check_written(sd, dst, args.to)
+    print(f"wrote {len(sd) - len(dropped)} of {len(sd)} tensors as {args.to!r} to {dst}")
+    if dropped:
+        print(f"note: the {args.to!r} layout does not carry {len(dropped)} tensors (reading {dst} back leaves them "
+              f"out): {', '.join(dropped)}")
     return 0
+
+
+def check_written(sd: dict[str, torch.Tensor], dst: Path, fmt: str) -> list[str]:
+    """Read ``dst`` back as ``fmt`` and compare with ``sd`` (our layout).
+
+    Returns:
+        the keys of ``sd`` the written file does not give back (what the layout cannot carry).
+    Raises:
+        CheckpointError: when a tensor reads back different, or the file holds keys ``sd`` has not.
+    """
+    import torch
+
+    from mae_backbone.checkpoint import read_checkpoint
+    from mae_backbone.io import CheckpointError
+
+    back, _ = read_checkpoint(dst, fmt)
+    changed = sorted(k for k in back if k in sd and (back[k].shape != sd[k].shape or not torch.equal(back[k], sd[k])))
+    extra = sorted(set(back) - set(sd))
+    if changed or extra:
+        raise CheckpointError(f"{dst}: reading the written {fmt!r} file back does not give the input: "
+                              f"changed {changed[:5]}, added {extra[:5]}")
+    return sorted(set(sd) - set(back))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "convert",
-        help="convert ViT checkpoints between formats (ours, timm, mae, mocov3, hf, detectron2, mmseg)",
+        help=f"convert ViT checkpoints between formats (ours, {', '.join(READERS)})",
         description="Read SRC in any supported format (detected, or named with --from) and write DST.",
     )
     p.add_argument("src", help="checkpoint file, or a Hugging Face model folder")
