@@ -150,10 +150,18 @@ def add_vit_config(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
+# shipped configs that were renamed: old name -> (new name, why)
+RENAMED = {
+    "mask_rcnn_vitdet_h_100ep": ("mask_rcnn_vitdet_h_75ep", "ViTDet's ViT-H recipe is 75 epochs"),
+    "cascade_mask_rcnn_vitdet_h_100ep": ("cascade_mask_rcnn_vitdet_h_75ep", "ViTDet's ViT-H recipe is 75 epochs"),
+}
+
+
 def get_config_file(name: str | Path) -> Path:
     """A config path: an existing file as given, else one shipped in ``detection/configs``.
 
     ``get_config_file("mask_rcnn_vitdet_b_100ep")`` -> ``.../detection/configs/mask_rcnn_vitdet_b_100ep.py``.
+    A shipped config's former name is an error naming the new one (``RENAMED``).
     """
     path = Path(name)
     if path.is_file():
@@ -162,6 +170,10 @@ def get_config_file(name: str | Path) -> Path:
                       CONFIG_DIR / "yacs" / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
+    stem = path.name[:-3] if path.name.endswith(".py") else path.name
+    if stem in RENAMED and len(path.parts) == 1:
+        new, why = RENAMED[stem]
+        raise FileNotFoundError(f"{name}: no such config; it was renamed: did you mean {new!r}? ({why})")
     shipped = list_configs()
     raise FileNotFoundError(f"{name}: no such config file, nor a shipped one{did_you_mean(str(name), shipped)} "
                             f"(shipped: {', '.join(shipped)})")

@@ -414,7 +414,7 @@ dataloader.test.dataset.names = {val_name!r}
 train.seed = {seed}
 """
 DET_PAPER_CONFIGS = {"vit_base_patch16": "mask_rcnn_vitdet_b_100ep", "vit_large_patch16": "mask_rcnn_vitdet_l_100ep",
-                     "vit_huge_patch14": "mask_rcnn_vitdet_h_100ep"}
+                     "vit_huge_patch14": "mask_rcnn_vitdet_h_75ep"}
 
 
 def register_coco(root: Path) -> tuple[str, str, int]:

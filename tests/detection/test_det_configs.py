@@ -22,8 +22,8 @@ RECIPES = {
 
 def test_the_shipped_configs():
     assert set(LAZY) == {
-        "mask_rcnn_vitdet_b_100ep", "mask_rcnn_vitdet_l_100ep", "mask_rcnn_vitdet_h_100ep",
-        "cascade_mask_rcnn_vitdet_b_100ep", "cascade_mask_rcnn_vitdet_l_100ep", "cascade_mask_rcnn_vitdet_h_100ep",
+        "mask_rcnn_vitdet_b_100ep", "mask_rcnn_vitdet_l_100ep", "mask_rcnn_vitdet_h_75ep",
+        "cascade_mask_rcnn_vitdet_b_100ep", "cascade_mask_rcnn_vitdet_l_100ep", "cascade_mask_rcnn_vitdet_h_75ep",
         "mask_rcnn_fpn_vit_b",
     }
     assert "mask_rcnn_vit_b_vitdet.yaml" in list_configs()
@@ -64,7 +64,8 @@ def test_recipes_match_the_reference(name):
     assert list(vit.global_blocks) == global_blocks and vit.window_size == 14 and vit.rel_pos
     assert vit.drop_path_rate == drop_path and vit.img_size == 1024
     assert cfg.optimizer.params.layer_decay == layer_decay
-    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.train.max_iter) == (1e-4, 0.1, 184375)
+    max_iter = 184375 * 3 // 4 if size == "h" else 184375  # ViTDet's ViT-H recipe is 75 epochs
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.train.max_iter) == (1e-4, 0.1, max_iter)
     assert cfg.dataloader.train.total_batch_size == 64  # 184375 x 64 = 100 epochs of COCO train2017
     resize, crop = cfg.dataloader.train.mapper.augmentations[1:]
     assert (resize.min_scale, resize.max_scale, resize.target_height) == (0.1, 2.0, 1024)
@@ -79,6 +80,10 @@ def test_config_names_resolve_and_typos_are_errors():
     assert get_config_file("mask_rcnn_vitdet_b_100ep").name == "mask_rcnn_vitdet_b_100ep.py"
     with pytest.raises(FileNotFoundError, match="did you mean 'mask_rcnn_vitdet_b_100ep'"):
         get_config_file("mask_rcnn_vitdet_b_100")
+    for old in ("mask_rcnn_vitdet_h_100ep", "cascade_mask_rcnn_vitdet_h_100ep.py"):  # renamed: 75 epochs, as ViTDet
+        new = old.replace("100ep", "75ep").removesuffix(".py")
+        with pytest.raises(FileNotFoundError, match=f"renamed: did you mean '{new}'.*75 epochs"):
+            get_config_file(old)
     with pytest.raises(ConfigError, match="no config key 'train.max_iters'"):
         load_config("mask_rcnn_vitdet_b_100ep", ["train.max_iters=10"])
     with pytest.raises(ConfigError, match="key=value"):
