@@ -155,3 +155,19 @@ def test_a_converted_file_loads_into_vitdet_strictly(tmp_path, capsys):
     x = torch.randn(1, 3, 112, 96)
     with torch.no_grad():
         assert_close_rel(last_map(ours, x), hf(x).last_hidden_state)
+
+
+def test_a_vitdet_model_folder_reads_as_hf_vitdet(tmp_path):
+    """``save_pretrained`` output (a folder, read as ``hf`` by default) is recognized as VitDet."""
+    from mae_backbone.checkpoint import read_checkpoint
+
+    hf = hf_vitdet()
+    randomize(hf, seed=3)
+    hf.save_pretrained(tmp_path / "vitdet")
+    sd, meta = read_checkpoint(tmp_path / "vitdet")
+    assert any("read as 'hf-vitdet'" in note for note in meta["notes"])
+    ours = our_vit()
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert_close_rel(last_map(ours, x), hf(x).last_hidden_state)
