@@ -103,6 +103,10 @@ _HF_BLOCK = {
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
 }
+# transformers >= 5 names the block's tensors differently in memory (``state_dict()``, under
+# ``layers.{i}.``); its ``save_pretrained`` and the hub's files use the names above
+_HF5_QKV = {"attention.q_proj": "query", "attention.k_proj": "key", "attention.v_proj": "value"}
+_HF5_BLOCK = {"attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 _HF_TOP = {
     "embeddings.cls_token": "cls_token",
     "embeddings.position_embeddings": "pos_embed",
@@ -130,15 +134,19 @@ def read_hf(obj: Any, notes: Notes) -> StateDict:
         if k in _HF_TOP:
             out[_HF_TOP[k]] = v
             continue
-        m = re.match(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", k)
+        m = re.match(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$", k)
         if not m:
             leftovers.append(k)
             continue
         i, mod, kind = int(m.group(1)), m.group(2), m.group(3)
         if mod in ("attention.attention.query", "attention.attention.key", "attention.attention.value"):
             qkv.setdefault(i, {})[f"{mod.split('.')[-1]}.{kind}"] = v
+        elif mod in _HF5_QKV:
+            qkv.setdefault(i, {})[f"{_HF5_QKV[mod]}.{kind}"] = v
         elif mod in _HF_BLOCK:
             out[f"blocks.{i}.{_HF_BLOCK[mod]}.{kind}"] = v
+        elif mod in _HF5_BLOCK:
+            out[f"blocks.{i}.{_HF5_BLOCK[mod]}.{kind}"] = v
         else:
             leftovers.append(k)
     for i, parts in qkv.items():
