@@ -125,3 +125,17 @@ def test_epsilon_placement_matters_on_the_flat_image():
     other = (patches - mean) / (var**0.5 + 1e-6)
     torch.testing.assert_close(ours.patch_target(img), official, rtol=1e-6, atol=1e-6)
     assert (official - other).abs().max() > 0.1
+
+
+def test_transformers_5_in_memory_names_read_like_the_saved_ones(tmp_path):
+    """``torch.save(model.state_dict())`` under transformers 5 (``layers.N.attention.q_proj`` ...)
+    reads to the same tensors as its ``save_pretrained`` files (``encoder.layer.N....query``)."""
+    hf = hf_mae(True)
+    in_memory = hf.state_dict()
+    assert any(".attention.q_proj." in k for k in in_memory)
+    from_memory = read_hf(in_memory, [])
+    hf.save_pretrained(tmp_path / "hf")
+    from_files, _ = read_checkpoint(tmp_path / "hf")
+    assert sorted(from_memory) == sorted(from_files)
+    for k, v in from_files.items():
+        assert torch.equal(from_memory[k], v), k
