@@ -9,7 +9,13 @@ Two kinds of file, two paths:
 - a **full detector** checkpoint (resume, evaluation, ``train.init_checkpoint`` /
   ``MODEL.WEIGHTS``) goes through ``SafeDetectionCheckpointer``: Detectron2's own checkpointer,
   except that torch files are read with ``weights_only`` and ``.pkl`` files (plain pickle, which
-  can run code) are refused unless the caller trusts them explicitly. Its writes are atomic
+  can run code) are refused unless the caller trusts them explicitly; and that it loads strictly:
+  a tensor whose shape does not fit, a tensor the model lacks or a model tensor the file lacks
+  is a ``CheckpointError`` naming the keys (Detectron2 would skip them with a warning and run
+  with those weights at their initialization). Only grid-sized ViT tensors are fitted, and
+  reported: the absolute position table (bicubic, to the table's grid) and the decomposed
+  relative-position tables (linear). A partial load is explicit (``skip_keys``,
+  ``train.init_checkpoint_skip``) and reported. Its writes are atomic
   (``mae_backbone.io.atomic_write``): a checkpoint and ``last_checkpoint`` are each either the
   previous file or the whole new one, even when the process is killed mid-write, and every
   checkpoint carries a sha256 of its content (``mae_backbone.io.add_checksum``) that loading
@@ -17,9 +23,11 @@ Two kinds of file, two paths:
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
+import math
 import os
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -28,6 +36,7 @@ from torch import nn
 from mae_backbone import CheckpointError, UnsafeCheckpointError, VisionTransformer, safe_torch_load
 from mae_backbone.io import add_checksum, atomic_write
 from mae_backbone.checkpoint import REL_POS_KEYS, LoadReport, load_checkpoint
+from mae_backbone.pos_embed import resample_abs_pos_embed, resample_rel_pos
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,11 @@ logger = logging.getLogger(__name__)
 # then behaves exactly as without them).
 PRETRAINED_UNEXPECTED = ("cls_token", "norm.*", "fc_norm.*", "head.*")
 PRETRAINED_MISSING = REL_POS_KEYS
+
+# Detector keys a checkpoint may lack or carry without error, as Detectron2's DetectionCheckpointer
+# allows: the pixel normalization comes from the config; old checkpoints hold anchor buffers that
+# are no longer saved; BatchNorm's step counter is not a weight.
+DETECTOR_IGNORED = ("pixel_mean", "pixel_std", "*anchor_generator.cell_anchors*", "*num_batches_tracked")
 
 
 def load_pretrained(
@@ -64,7 +78,8 @@ def load_pretrained(
         raise TypeError(f"load_pretrained needs a mae_backbone ViT or a backbone with .net, not {type(module).__name__}")
     report = load_checkpoint(vit, src, format=format, allow_missing=PRETRAINED_MISSING,
                              allow_unexpected=PRETRAINED_UNEXPECTED)
-    logger.info("pretrained ViT for detection (grid %dx%d):\n%s", *vit.grid_size, report)
+    grid = getattr(vit, "pos_grid_size", vit.grid_size)
+    logger.info("pretrained ViT for detection (position table %dx%d):\n%s", *grid, report)
     return report
 
 
@@ -83,23 +98,36 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     - A file none of whose tensors name a parameter of the model (typically a ViT encoder
       checkpoint given as detector weights) is an error instead of a warning: encoder weights
       belong in the backbone's ``pretrained``.
+    - Model weights load strictly (``fit_detector_state``): anything that does not fit raises
+      ``CheckpointError`` naming the keys, before any weight is changed. The absolute position
+      table and the decomposed relative-position tables of the ViT are resampled to the model's
+      sizes instead. The report (``last_report``, a ``LoadReport``) is logged through fvcore's
+      checkpoint logger, which Detectron2's ``default_setup`` shows with its own.
 
     Args:
         model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
         trust_pickle: allow ``.pkl`` files.
+        skip_keys: glob patterns of keys (of the model or the file) that may be left out: a model
+            tensor they match that the file lacks, or whose shape does not fit, stays at its
+            initialization; a file tensor they match that the model lacks is ignored. For
+            fine-tuning from a detector with other classes (``roi_heads.box_predictor.*`` ...);
+            reported. Default: none (strict).
     """
 
     def __init__(self, model: nn.Module, save_dir: str = "", *, trust_pickle: bool = False,
-                 save_to_disk: bool | None = None, **checkpointables: Any):
+                 save_to_disk: bool | None = None, skip_keys: Sequence[str] = (), **checkpointables: Any):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.trust_pickle = trust_pickle
+        self.skip_keys = tuple(skip_keys)
+        self.last_report: LoadReport | None = None
         self._loading: str = ""
 
     @classmethod
-    def replacing(cls, other: DetectionCheckpointer, trust_pickle: bool = False) -> "SafeDetectionCheckpointer":
+    def replacing(cls, other: DetectionCheckpointer, trust_pickle: bool = False,
+                  skip_keys: Sequence[str] = ()) -> "SafeDetectionCheckpointer":
         """The same checkpointer (model, folder, checkpointables), made safe; for ``DefaultTrainer``."""
         return cls(other.model, other.save_dir, trust_pickle=trust_pickle, save_to_disk=other.save_to_disk,
-                   **other.checkpointables)
+                   skip_keys=skip_keys, **other.checkpointables)
 
     def _local(self) -> bool:
         return "://" not in str(self.save_dir)
@@ -180,16 +208,144 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: dict[str, Any]) -> Any:
         state = checkpoint.get("model")
-        if isinstance(state, Mapping) and state and not checkpoint.get("matching_heuristics", False):
-            ours = set(self.model.state_dict())
-            theirs = {k[len("module."):] if k.startswith("module.") else k for k in state}
-            if not ours & theirs:
-                sample = ", ".join(sorted(theirs)[:3])
-                raise CheckpointError(
-                    f"{self._loading or 'checkpoint'}: none of its {len(theirs)} tensors ({sample}, ...) is a "
-                    "parameter of this detector. A ViT encoder checkpoint goes into the backbone instead: "
-                    "model.backbone.pretrained=PATH (LazyConfig; model.backbone.bottom_up.pretrained for the "
-                    "FPN variant) or MODEL.VIT.PRETRAINED PATH (yacs)."
-                )
-        return super()._load_model(checkpoint)
+        source = self._loading or "checkpoint"
+        if isinstance(state, Mapping) and state:
+            state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+            self._convert_ndarray_to_tensor(state)
+            if checkpoint.get("matching_heuristics", False):  # Caffe2 / pycls files: match names first
+                from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
+                state = align_and_update_state_dicts(self.model.state_dict(), state,
+                                                     c2_conversion=checkpoint.get("__author__") == "Caffe2")
+                checkpoint["matching_heuristics"] = False
+            else:
+                ours = set(self.model.state_dict())
+                if not ours & set(state):
+                    sample = ", ".join(sorted(state)[:3])
+                    raise CheckpointError(
+                        f"{source}: none of its {len(state)} tensors ({sample}, ...) is a "
+                        "parameter of this detector. A ViT encoder checkpoint goes into the backbone instead: "
+                        "model.backbone.pretrained=PATH (LazyConfig; model.backbone.bottom_up.pretrained for the "
+                        "FPN variant) or MODEL.VIT.PRETRAINED PATH (yacs)."
+                    )
+            fitted, report = fit_detector_state(self.model, state, source, self.skip_keys)
+            checkpoint["model"] = fitted
+            self.last_report = report
+            log = self.logger.warning if report.skipped_by_shape or report.missing or report.unexpected else \
+                self.logger.info
+            log("detector weights: %s", report)
+        incompatible = super()._load_model(checkpoint)
+        if isinstance(state, Mapping) and state:
+            left = set(report.missing) | set(report.skipped_by_shape)
+            odd = ([k for k in incompatible.missing_keys if k not in left and not _matches(k, DETECTOR_IGNORED)]
+                   + [k for k in incompatible.unexpected_keys if not _matches(k, DETECTOR_IGNORED)]
+                   + [k for k, *_ in incompatible.incorrect_shapes])
+            if odd:
+                raise CheckpointError(f"{source}: internal mismatch while loading: {', '.join(odd)}")
+            # everything left out is in the report logged above: no second list of warnings
+            incompatible = incompatible._replace(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])
+        return incompatible
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module | None, str]:
+    """The module holding the tensor ``key`` and the tensor's name in it."""
+    path, _, leaf = key.rpartition(".")
+    try:
+        return (model.get_submodule(path) if path else model), leaf
+    except AttributeError:
+        return None, leaf
+
+
+def _fit_grid_tensor(model: nn.Module, key: str, value: torch.Tensor, want: torch.Size
+                     ) -> tuple[torch.Tensor, str] | None:
+    """A ViT tensor whose size follows a grid, fitted to the model's (None: no rule applies).
+
+    - ``pos_embed`` [1, (1+)N, D] of a ``VisionTransformer``: bicubic to its table grid
+      (``pos_grid_size``), the class slot kept (added, zero, when the file has none).
+    - ``rel_pos_h`` / ``rel_pos_w`` [2S-1, C]: linear to the model's length.
+    """
+    module, leaf = _owner(model, key)
+    what = f"{tuple(value.shape)} -> {tuple(want)}"
+    if leaf == "pos_embed" and isinstance(module, VisionTransformer) and value.ndim == 3 and len(want) == 3 \
+            and value.shape[0] == 1 and value.shape[2] == want[2]:
+        grid = tuple(getattr(module, "pos_grid_size", module.grid_size))
+        if want[1] != 1 + grid[0] * grid[1]:
+            return None
+        n = value.shape[1]
+        prefix = 1 if math.isqrt(n - 1) ** 2 == n - 1 else 0 if math.isqrt(n) ** 2 == n else None
+        if prefix is None:
+            return None
+        out = resample_abs_pos_embed(value, grid, num_prefix_tokens=prefix)
+        if prefix == 0:
+            out = torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
+        return out, what + " (bicubic, to the position table's grid)"
+    if leaf in ("rel_pos_h", "rel_pos_w") and value.ndim == 2 and len(want) == 2 and value.shape[1] == want[1]:
+        return resample_rel_pos(value, want[0]), what + " (linear)"
+    return None
+
+
+def fit_detector_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                       skip_keys: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Check a detector state dict against ``model`` strictly; fit the ViT's grid-sized tensors.
+
+    Args:
+        model: the detector (not wrapped in DDP).
+        state: the file's tensors, by the model's names.
+        source: the file, for messages.
+        skip_keys: glob patterns that may be left out (see ``SafeDetectionCheckpointer``).
+    Returns:
+        (the tensors to load, the ``LoadReport``: ``resampled`` keys, and with ``skip_keys``
+        ``skipped_by_shape`` / ``missing`` (left at initialization) / ``unexpected`` (ignored)).
+    Raises:
+        CheckpointError: naming every key that does not fit (shape), that the model lacks, or
+            that the file lacks, unless a resampling rule, ``skip_keys`` or ``DETECTOR_IGNORED``
+            covers it.
+    """
+    report = LoadReport(source=source, format="detectron2")
+    target = model.state_dict()
+    fitted: dict[str, torch.Tensor] = {}
+    bad_shapes: list[str] = []
+    for key, value in state.items():
+        if key not in target:
+            continue
+        want = target[key].shape
+        if tuple(value.shape) == tuple(want):
+            fitted[key] = value
+            continue
+        rule = _fit_grid_tensor(model, key, value, want)
+        if rule is not None:
+            fitted[key], report.resampled[key] = rule
+        elif _matches(key, skip_keys):
+            report.skipped_by_shape[key] = f"checkpoint {tuple(value.shape)}, model {tuple(want)}"
+        else:
+            bad_shapes.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(want)}")
+    missing = sorted(k for k in target if k not in state and not _matches(k, DETECTOR_IGNORED))
+    unexpected = sorted(k for k in state if k not in target and not _matches(k, DETECTOR_IGNORED))
+    bad_missing = [k for k in missing if not _matches(k, skip_keys)]
+    bad_unexpected = [k for k in unexpected if not _matches(k, skip_keys)]
+    if bad_shapes or bad_missing or bad_unexpected:
+        parts = []
+        if bad_shapes:
+            parts.append("shapes that do not fit: " + _abbrev(bad_shapes, 5, "; "))
+        if bad_missing:
+            parts.append("missing from the checkpoint: " + _abbrev(bad_missing))
+        if bad_unexpected:
+            parts.append("in the checkpoint but not in the model: " + _abbrev(bad_unexpected))
+        raise CheckpointError(
+            f"{source}: does not fit this {type(model).__name__}; nothing was loaded: " + " | ".join(parts)
+            + ". Is it a checkpoint of this config? To fine-tune from a detector with other classes or "
+            "heads, name the keys to leave at their initialization: train.init_checkpoint_skip="
+            "['roi_heads.box_predictor.*', ...] (detect train) or SafeDetectionCheckpointer(..., skip_keys=...)."
+        )
+    report.loaded = sorted(fitted)
+    report.missing = missing
+    report.unexpected = unexpected
+    return fitted, report
+
+
+def _abbrev(items: list[str], n: int = 10, sep: str = ", ") -> str:
+    return sep.join(items[:n]) + (f"{sep}... ({len(items)} in all)" if len(items) > n else "")

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 # key there would be silently ignored, so it is an error (``check_lazy_config``)
 TRAIN_KEYS = {
     "output_dir": None, "init_checkpoint": None, "max_iter": None, "eval_period": None, "log_period": None,
-    "device": None, "seed": None, "cudnn_benchmark": None, "float32_precision": None,
+    "device": None, "seed": None, "cudnn_benchmark": None, "float32_precision": None, "init_checkpoint_skip": None,
     "amp": {"enabled"}, "checkpointer": {"period", "max_to_keep", "file_prefix"}, "ddp": None,
 }
 

@@ -343,8 +343,11 @@ def do_train(cfg: DictConfig, resume: bool = False, trust_pickle: bool = False) 
     train_loader = ResumableLoader(_naming_loader(cfg.dataloader.train), random_state)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    # train.init_checkpoint_skip: keys of init_checkpoint to leave at their initialization (explicit partial
+    # load, e.g. a detector trained for other classes); everything else must fit
     checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trust_pickle=trust_pickle, trainer=trainer,
-                                             random_state=random_state)
+                                             random_state=random_state,
+                                             skip_keys=list(cfg.train.get("init_checkpoint_skip") or ()))
     main = comm.is_main_process()
     trainer.register_hooks([
         hooks.IterationTimer(),

@@ -8,6 +8,7 @@ from detection.optim import step_lr_multiplier
 train = dict(
     output_dir="./output",
     init_checkpoint="",  # a full detector checkpoint; ViT encoder weights go in model.backbone.pretrained
+    init_checkpoint_skip=[],  # keys of init_checkpoint left at init (e.g. "roi_heads.box_predictor.*"); else strict
     max_iter=184375,
     amp=dict(enabled=True),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=True),
