@@ -18,6 +18,7 @@ file back and names every tensor it does not carry.
 | hf-vitdet   | HF ``VitDetModel`` / ``VitDetBackbone`` state dict (``embeddings.projection``) | nothing |
 | detectron2  | ``{"model": {"backbone.net.*"}}`` (ViTDet)       | everything outside ``backbone.net.``  |
 | mmseg       | MMSeg ``VisionTransformer`` (``layers.{i}.ln1`` ...), optionally under ``state_dict``/``backbone.`` | decode heads |
+| mmseg-mae   | MMSeg ``MAE`` / ``BEiT`` (``layers.{i}.gamma_1``, ``attn.relative_position_bias_table``), same containers | decode heads, ``relative_position_index`` |
 """
 from __future__ import annotations
 
@@ -322,7 +323,8 @@ def write_detectron2(sd: StateDict, meta: dict[str, Any]) -> Any:
             "matching_heuristics": False}
 
 
-# --------------------------------------------------------------------------- MMSeg VisionTransformer
+# --------------------------------------------------------------------------- MMSeg VisionTransformer / MAE
+# Inside ``layers.{i}.``: MMSeg's plain ``VisionTransformer`` (nn.MultiheadAttention) ...
 _MMSEG_BLOCK = [
     ("norm1.", "ln1."),
     ("attn.qkv.weight", "attn.attn.in_proj_weight"),
@@ -332,7 +334,23 @@ _MMSEG_BLOCK = [
     ("mlp.fc1.", "ffn.layers.0.0."),
     ("mlp.fc2.", "ffn.layers.1."),
 ]
+# ... and MMSeg's ``MAE`` (a ``BEiT`` subclass, the backbone of ``mae-base_upernet_8xb2-amp-160k``):
+# ``BEiTAttention`` with a full qkv bias, a relative position bias table per layer (and its
+# ``relative_position_index`` buffer, which MMSeg stores), layer scale ``gamma_1`` / ``gamma_2``.
+_MMSEG_MAE_BLOCK = [
+    ("norm1.", "ln1."),
+    ("attn.qkv.", "attn.qkv."),
+    ("attn.proj.", "attn.proj."),
+    ("attn.relative_position_bias_table", "attn.relative_position_bias_table"),
+    ("ls1.gamma", "gamma_1"),
+    ("ls2.gamma", "gamma_2"),
+    ("norm2.", "ln2."),
+    ("mlp.fc1.", "ffn.layers.0.0."),
+    ("mlp.fc2.", "ffn.layers.1."),
+]
+# the final norm: ``ln1`` at the top (MMSeg builds it only with ``final_norm=True``)
 _MMSEG_TOP = [("patch_embed.proj.", "patch_embed.projection."), ("norm.", "ln1.")]
+_MMSEG_MAE_KEY = re.compile(r"(^|\.)layers\.\d+\.(attn\.qkv\.|attn\.[qv]_bias$|gamma_[12]$|attn\.relative_position_)")
 
 
 def _rename(key: str, pairs: list[tuple[str, str]], forward: bool) -> str | None:
@@ -344,15 +362,30 @@ def _rename(key: str, pairs: list[tuple[str, str]], forward: bool) -> str | None
 
 
 def read_mmseg(obj: Any, notes: Notes) -> StateDict:
+    """MMSeg ``VisionTransformer``, ``MAE`` or ``BEiT`` backbone weights -> ours.
+
+    The file may be a segmentor checkpoint (``state_dict`` with ``backbone.*``: the heads are
+    dropped with a note) or a bare backbone state dict. ``MAE``/``BEiT`` layers: ``gamma_1/2`` ->
+    ``ls1/ls2.gamma``, ``relative_position_bias_table`` kept per block, ``relative_position_index``
+    dropped with a note (our blocks derive it from the table's grid). ``BEiT``'s ``q_bias`` /
+    ``v_bias`` become ``attn.qkv.bias`` with a zero key part (BEiT has no key bias; a key bias
+    adds the same logit to every key of a query, which the softmax ignores).
+    """
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     sd = _tensors(sd, "MMSeg checkpoint")
     if any(k.startswith("backbone.") for k in sd):
         sd = _take_prefix(sd, "backbone.", "decode/auxiliary head", notes)
+    sd = _drop(sd, r"^layers\.\d+\.attn\.relative_position_index$",
+               "relative_position_index (derived from the table's grid by our blocks)", notes)
     out: StateDict = {}
+    qv_bias: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
         m = re.match(r"^layers\.(\d+)\.(.+)$", k)
+        if m and m.group(2) in ("attn.q_bias", "attn.v_bias"):
+            qv_bias.setdefault(m.group(1), {})[m.group(2)[5]] = v
+            continue
         if m:
-            new = _rename(m.group(2), _MMSEG_BLOCK, forward=False)
+            new = _rename(m.group(2), _MMSEG_BLOCK, forward=False) or _rename(m.group(2), _MMSEG_MAE_BLOCK, forward=False)
             name = f"blocks.{m.group(1)}.{new}" if new else None
         elif k in ("cls_token", "pos_embed"):
             name = k
@@ -361,6 +394,14 @@ def read_mmseg(obj: Any, notes: Notes) -> StateDict:
         if name is None:
             raise CheckpointError(f"MMSeg checkpoint: no ViT equivalent for {k!r}")
         out[name] = v
+    for i, parts in qv_bias.items():
+        if set(parts) != {"q", "v"} or f"blocks.{i}.attn.qkv.bias" in out:
+            raise CheckpointError(f"MMSeg BEiT checkpoint: layer {i} needs both q_bias and v_bias and no qkv.bias, "
+                                  f"got {sorted(parts)}{' and a qkv.bias' if f'blocks.{i}.attn.qkv.bias' in out else ''}")
+        out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([parts["q"], torch.zeros_like(parts["q"]), parts["v"]])
+    if qv_bias:
+        notes.append(f"BEiT q_bias/v_bias of {len(qv_bias)} layers -> attn.qkv.bias with a zero key part "
+                     "(BEiT has no key bias)")
     return out
 
 
@@ -378,8 +419,60 @@ def write_mmseg(sd: StateDict, meta: dict[str, Any]) -> Any:
         else:
             name = _rename(k, _MMSEG_TOP, forward=True)
         if name is None:
-            raise CheckpointError(f"MMSeg VisionTransformer has no equivalent of {k!r}")
+            raise CheckpointError(f"MMSeg VisionTransformer has no equivalent of {k!r}"
+                                  + (" (BEiT relative position tables and layer scale: write 'mmseg-mae')"
+                                     if "relative_position" in k or ".ls" in k else ""))
         out[name] = v
+    return {"state_dict": out, "meta": {"converted_by": "mae-transfer"}}
+
+
+def _beit_grid(rows: int, meta: dict[str, Any], key: str) -> tuple[int, int]:
+    """The token grid of a BEiT table with ``rows`` = (2H-1)(2W-1)+3 rows: the metadata's
+    ``img_size`` / ``patch_size`` when they fit, else the square grid that fits."""
+    img, patch = meta.get("img_size"), meta.get("patch_size")
+    if img is not None and patch:
+        hw = (img, img) if isinstance(img, int) else tuple(img)
+        grid = (hw[0] // patch, hw[1] // patch)
+        if (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3 == rows:
+            return grid
+    side = math.isqrt(rows - 3)
+    if side * side == rows - 3 and side % 2 == 1:
+        return ((side + 1) // 2,) * 2
+    raise CheckpointError(f"{key}: {rows} rows is not (2H-1)(2W-1)+3 for a square grid, and the metadata's "
+                          f"img_size/patch_size ({img}, {patch}) does not fit it either")
+
+
+def write_mmseg_mae(sd: StateDict, meta: dict[str, Any]) -> Any:
+    """Ours -> MMSeg ``MAE`` backbone weights (``{"state_dict": ...}``, as MMSeg's tools write).
+
+    With the BEiT options (``rel_pos="beit"``, ``init_values``) the result loads into
+    ``mmseg.models.backbones.MAE`` with ``strict=True``: ``relative_position_index`` (a stored
+    buffer there) is written for every table, computed from its grid; the final ``norm`` becomes
+    ``ln1`` (``final_norm=True``; MMSeg's ADE20K config has ``final_norm=False`` and loads
+    non-strictly, ignoring it). A plain ViT (no tables / layer scale) gives the file MMSeg's MAE
+    config starts from: its loader leaves the tables at zero and the gammas at ``init_values``.
+    The classifier (``head``, ``fc_norm``) is left out; decomposed ``rel_pos_h/w`` is an error.
+    """
+    from mae_backbone.layers import beit_rel_pos_index
+
+    out: StateDict = {}
+    for k, v in sd.items():
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
+        if m:
+            new = _rename(m.group(2), _MMSEG_MAE_BLOCK, forward=True)
+            name = f"layers.{m.group(1)}.{new}" if new else None
+        elif k in ("cls_token", "pos_embed"):
+            name = k
+        elif k.startswith(("head.", "fc_norm.")):
+            continue  # MMSeg backbones have no classifier
+        else:
+            name = _rename(k, _MMSEG_TOP, forward=True)
+        if name is None:
+            raise CheckpointError(f"MMSeg MAE has no equivalent of {k!r}")
+        out[name] = v
+        if name.endswith("attn.relative_position_bias_table"):
+            grid = _beit_grid(v.shape[0], meta, k)
+            out[name.replace("relative_position_bias_table", "relative_position_index")] = beit_rel_pos_index(grid)
     return {"state_dict": out, "meta": {"converted_by": "mae-transfer"}}
 
 
@@ -393,6 +486,7 @@ READERS: dict[str, Callable[[Any, Notes], StateDict]] = {
     "hf-vitdet": read_hf_vitdet,
     "detectron2": read_detectron2,
     "mmseg": read_mmseg,
+    "mmseg-mae": read_mmseg,
 }
 WRITERS: dict[str, Callable[[StateDict, dict[str, Any]], Any]] = {
     "timm": write_timm,
@@ -402,6 +496,7 @@ WRITERS: dict[str, Callable[[StateDict, dict[str, Any]], Any]] = {
     "hf-vitdet": write_hf_vitdet,
     "detectron2": write_detectron2,
     "mmseg": write_mmseg,
+    "mmseg-mae": write_mmseg_mae,
 }
 FORMATS = ("ours", *READERS)
 
@@ -414,6 +509,8 @@ def detect_format(obj: Any) -> str | None:
         keys = list(obj["state_dict"])
         if any(k.startswith(MOCO_PREFIX) for k in keys):
             return "mocov3"
+        if any(_MMSEG_MAE_KEY.search(k) for k in keys):
+            return "mmseg-mae"
         if any(".ln1." in k or k.startswith(("patch_embed.projection", "backbone.patch_embed.projection")) for k in keys):
             return "mmseg"
     if isinstance(obj.get("model"), dict):
@@ -427,6 +524,8 @@ def detect_format(obj: Any) -> str | None:
         return "hf-vitdet"
     if any("embeddings.patch_embeddings" in k for k in keys):
         return "hf"
+    if any(_MMSEG_MAE_KEY.search(k) for k in keys):
+        return "mmseg-mae"
     if any(k.startswith(("patch_embed.projection", "layers.0.ln1")) for k in keys):
         return "mmseg"
     if "patch_embed.proj.weight" in keys:

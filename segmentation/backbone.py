@@ -19,7 +19,7 @@ from mmseg.registry import MODELS
 from torch import nn
 
 from mae_backbone import VIT_ARCHS, VisionTransformer
-from mae_backbone.checkpoint import HEAD_KEYS, REL_POS_KEYS, LoadReport, load_checkpoint
+from mae_backbone.checkpoint import HEAD_KEYS, LAYER_SCALE_KEYS, REL_POS_KEYS, LoadReport, load_checkpoint
 
 # short names, as MMSeg / MMPretrain spell them
 ARCH_ALIASES: dict[str, str] = {
@@ -68,7 +68,11 @@ class MAEViT(BaseModule):
         in_channels: input channels.
         out_indices: blocks whose outputs are returned (negative counts from the end).
         drop_path_rate: stochastic depth, linear over the blocks.
-        use_rel_pos: add zero-initialized decomposed relative position biases to every block.
+        use_rel_pos: relative position bias in every block, zero-initialized: ``"beit"`` (BEiT's
+            table per block with the class-token entries, as MMSeg's ``MAE`` backbone and the MAE
+            paper's ADE20K recipe), ``"decomposed"`` or True (ViTDet's ``rel_pos_h/w``), False.
+        init_values: layer scale (``ls1.gamma`` / ``ls2.gamma``, BEiT's ``gamma_1/2``) filled
+            with this value; None for none. MMSeg's MAE ADE20K config uses 1.0.
         window_size: 0 for global attention; else window attention of this many patches in every
             block not in ``global_blocks`` (ViTDet).
         global_blocks: blocks that keep global attention when ``window_size`` > 0.
@@ -93,7 +97,8 @@ class MAEViT(BaseModule):
         in_channels: int = 3,
         out_indices: Sequence[int] = (3, 5, 7, 11),
         drop_path_rate: float = 0.0,
-        use_rel_pos: bool = False,
+        use_rel_pos: bool | str = False,
+        init_values: float | None = None,
         window_size: int = 0,
         global_blocks: Sequence[int] = (),
         frozen_stages: int = -1,
@@ -112,6 +117,7 @@ class MAEViT(BaseModule):
             in_chans=in_channels,
             drop_path_rate=drop_path_rate,
             rel_pos=use_rel_pos,
+            init_values=init_values,
             window_size=window_size,
             global_blocks=global_blocks,
             grad_checkpointing=with_cp,
@@ -149,8 +155,10 @@ class MAEViT(BaseModule):
         return self.vit.layer_id(name)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names (last component) without weight decay, besides all 1-D parameters."""
-        return set(self.vit.no_weight_decay()) | {"rel_pos_h", "rel_pos_w"}
+        """Parameter names (last component) timm / the official MAE code keep out of weight decay,
+        besides all 1-D parameters: used by ``ViTLayerDecayOptimizerConstructor`` with
+        ``weight_decay_rule='hooks'`` (its default follows MMSeg, which decays these)."""
+        return set(self.vit.no_weight_decay()) | {"rel_pos_h", "rel_pos_w", "relative_position_bias_table"}
 
     def output_channels(self) -> list[int]:
         """Channels of each output map (all ``embed_dim``), e.g. for a neck's ``in_channels``."""
@@ -168,12 +176,14 @@ class MAEViT(BaseModule):
     def load_pretrained(self, path: str) -> LoadReport:
         """Strictly load any ``mae_backbone`` checkpoint into ``self.vit`` and log the report.
 
-        Allowed to be missing: the relative-position tables (zero-init).  Allowed to be
-        unexpected: the classifier (``head``, ``fc_norm``) and, when ``norm_out`` is False, the
-        final ``norm``.  Anything else missing or unexpected raises ``CheckpointError``.
+        Allowed to be missing: the relative-position tables (zero-init) and the layer scales
+        (``init_values``), which pretraining checkpoints do not have.  Allowed to be unexpected:
+        the classifier (``head``, ``fc_norm``) and, when ``norm_out`` is False, the final
+        ``norm``.  Anything else missing or unexpected raises ``CheckpointError``.
         """
         allow_unexpected = HEAD_KEYS + (() if self.norm_out else ("norm.*",))
-        report = load_checkpoint(self.vit, path, allow_missing=REL_POS_KEYS, allow_unexpected=allow_unexpected)
+        report = load_checkpoint(self.vit, path, allow_missing=REL_POS_KEYS + LAYER_SCALE_KEYS,
+                                 allow_unexpected=allow_unexpected)
         print_log(f"MAEViT pretrained weights: {report}", logger="current")
         return report
 

@@ -1,6 +1,12 @@
-# UperNet + FCN auxiliary head on our MAEViT (ViT-B/16) with MMSeg's Feature2Pyramid neck.
+# UperNet + FCN auxiliary head on our MAEViT (ViT-B/16) with MMSeg's Feature2Pyramid neck, as
+# MMSeg 1.2.2's mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py (48.13 mIoU) builds its `MAE`
+# backbone: BEiT's relative position bias table per block (zero-initialized: "relative position
+# bias turned on during transfer and initialised to zero", MAE paper A.4) and layer scale
+# gamma_1/gamma_2 = init_values 1.0; drop path 0.1; outputs after blocks 4, 6, 8, 12 without a
+# final norm; LayerNorm eps 1e-6.
 # Backbone checkpoint keys: backbone.vit.* (our ViT layout); `model.pretrained` takes any
-# checkpoint mae_backbone reads (ours, timm, official MAE, DeiT, MoCo v3, HF, Detectron2, MMSeg).
+# checkpoint mae_backbone reads (ours, timm, official MAE, DeiT, MoCo v3, HF, Detectron2, MMSeg
+# VisionTransformer / MAE); the position embedding is resampled to the 32x32 grid when loading.
 norm_cfg = dict(type='SyncBN', requires_grad=True)  # plain BN when not distributed (MMEngine reverts it)
 data_preprocessor = dict(
     type='SegDataPreProcessor',
@@ -20,7 +26,8 @@ model = dict(
         img_size=512,
         out_indices=[3, 5, 7, 11],
         drop_path_rate=0.1,
-        use_rel_pos=False,
+        use_rel_pos='beit',
+        init_values=1.0,
         window_size=0,
         frozen_stages=-1,
         with_cp=False,
