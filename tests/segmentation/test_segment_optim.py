@@ -35,7 +35,8 @@ def test_lr_decay_per_block_and_weight_decay(tiny_config):
             assert p is params[name]
             layer = expected_layer_id(name, depth)
             assert group["lr"] == pytest.approx(base_lr * decay ** (depth + 1 - layer)), name
-            no_wd = p.ndim == 1 or name.rsplit(".", 1)[-1] in ("pos_embed", "cls_token", "rel_pos_h", "rel_pos_w")
+            # MMSeg's rule (test_oracle_mmseg_optim.py): 1-D and `.bias` only; pos_embed, tables decayed
+            no_wd = p.ndim == 1 or name.endswith(".bias")
             assert group["weight_decay"] == (0.0 if no_wd else wd), name
             seen.append(name)
     # every trainable parameter exactly once; frozen ones (patch embed, tokens, block 0) not at all
