@@ -85,6 +85,22 @@ def test_a_checkpoint_with_foreign_keys_is_an_error(tmp_path):
         load_pretrained(detection_backbone(), path)
 
 
+def test_the_recipes_backbone_keeps_a_224_px_encoders_table_as_it_is(tmp_path):
+    """ViTDet (pretrain_img_size=224): an MAE encoder's 14x14 table is the parameter, unresampled;
+    it is interpolated to the input's grid (4x4 at 64 px) on every forward."""
+    from detectron2.config import instantiate
+
+    from det_helpers import tiny_overrides
+    from detection import load_config
+
+    source = pretrained_vit()
+    path = _save(source.state_dict(), tmp_path / "mae.pth", "mae")
+    backbone = instantiate(load_config("mask_rcnn_vitdet_b_100ep", tiny_overrides()).model.backbone)
+    report = load_pretrained(backbone, path)
+    assert "pos_embed" not in report.resampled and backbone.net.pos_embed.shape == (1, 197, 192)
+    assert torch.equal(backbone.net.pos_embed, source.pos_embed)
+
+
 def test_vit_h_style_patch_14_checkpoint_is_resampled_to_patch_16(tmp_path):
     sd = create_vit("vit_tiny_patch16", patch_size=14, depth=2, img_size=224).state_dict()
     path = write_checkpoint(sd, tmp_path / "h14.pth", "timm")
