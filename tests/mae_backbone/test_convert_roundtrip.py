@@ -7,6 +7,7 @@ tensors X has no place for are named (never claimed as written).
 | hf-vitdet   | ``cls_token``, final ``norm``, ``fc_norm``, ``head`` |
 | detectron2  | the same (ViTDet's ``ViT``)                        |
 | mmseg       | ``head``, ``fc_norm`` (classifier parts)           |
+| mmseg-mae   | the same (MMSeg ``MAE``: BEiT tables and layer scale carried) |
 """
 from __future__ import annotations
 
@@ -46,10 +47,17 @@ def plain() -> torch.nn.Module:
     return _randomize(create_vit("vit_tiny_patch16", embed_dim=64, depth=2, num_heads=4, img_size=32, num_classes=5))
 
 
+def beit_like() -> torch.nn.Module:
+    """MMSeg's MAE options: a BEiT relative position table per block and layer scale."""
+    return _randomize(create_vit("vit_tiny_patch16", embed_dim=64, depth=2, num_heads=4, img_size=32,
+                                 rel_pos="beit", init_values=0.1, num_classes=5))
+
+
 CASES = {  # format -> (model, what the layout cannot carry)
     "hf-vitdet": (vitdet_like, VITDET_ABSENT),
     "detectron2": (vitdet_like, VITDET_ABSENT),
     "mmseg": (plain, ["head.bias", "head.weight"]),
+    "mmseg-mae": (beit_like, ["head.bias", "head.weight"]),
 }
 
 
