@@ -362,8 +362,8 @@ _base = LazyConfig.load(str(get_config_file("mask_rcnn_vitdet_b_100ep")))
 dataloader, lr_multiplier, model, optimizer, train = (
     _base.dataloader, _base.lr_multiplier, _base.model, _base.optimizer, _base.train)
 _size, _width = {size}, 64
-model.backbone.net.update(name={encoder!r}, img_size=_size, window_size=0, global_blocks=(), drop_path_rate=0.0,
-                          **{encoder_kwargs!r})
+model.backbone.net.update(name={encoder!r}, img_size=_size, pretrain_img_size={pretrain_size},
+                          window_size=0, global_blocks=(), drop_path_rate=0.0, **{encoder_kwargs!r})
 model.backbone.scale_factors = {scales!r}
 model.backbone.pretrained = {pretrained!r}
 model.backbone.out_channels = _width
@@ -386,7 +386,7 @@ dataloader.train.num_workers = 0
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
     L(T.ResizeScale)(min_scale=0.8, max_scale=1.25, target_height=_size, target_width=_size),
-    L(FixedSizeCrop)(crop_size=(_size, _size)),
+    L(FixedSizeCrop)(crop_size=(_size, _size), pad=False),
 ]
 dataloader.test.dataset.names = {val_name!r}
 dataloader.test.num_workers = 0
@@ -443,7 +443,8 @@ def run_detection(backbone: Backbone, recipe: Recipe, data: DataPaths, seed: int
     if recipe.name == "demo":
         iters = recipe.det_iters
         text = DET_DEMO_TEMPLATE.format(
-            size=recipe.det_size, encoder=recipe.arch.name, encoder_kwargs=recipe.arch.overrides,
+            size=recipe.det_size, pretrain_size=recipe.img_size, encoder=recipe.arch.name,
+            encoder_kwargs=recipe.arch.overrides,
             scales=_scale_factors(recipe.arch.dims["patch_size"]), pretrained=pretrained,
             anchors=[[a] for a in recipe.det_anchors], classes=classes, train_name=train_name, val_name=val_name,
             batch=recipe.det_batch, lr=recipe.det_lr, layer_decay=recipe.layer_decay("detect", backbone),

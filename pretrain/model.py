@@ -128,8 +128,13 @@ class MaskedAutoencoderViT(VisionTransformer):
 
     # ------------------------------------------------------------------ hooks
     def no_weight_decay(self) -> set[str]:
-        """Names without weight decay besides norms and biases: tokens and position embeddings."""
-        return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed", "encoder_mask_token"}
+        """Names without weight decay besides norms and biases (all 1-D parameters): none.
+
+        As the official ``main_pretrain.py`` (timm's ``param_groups_weight_decay`` without a skip
+        list): the class and mask tokens ([1, 1, D]) are decayed; the position embeddings are fixed
+        sin-cos tables, outside the optimizer.
+        """
+        return set()
 
     def decoder_keys(self) -> list[str]:
         """State-dict keys that are not part of the plain ViT encoder (decoder and mask tokens)."""

@@ -201,16 +201,24 @@ def test_encoder_weights_load_into_the_backbone(tiny_mae):
         torch.testing.assert_close(vit.norm(x), latent)
 
 
-def test_optimizer_groups_skip_decay_on_norms_biases_tokens():
+def test_optimizer_groups_decay_as_the_official_pretraining():
+    """Official ``main_pretrain.py``: timm's ``param_groups_weight_decay(model, wd)`` with no skip
+    list, so only 1-D parameters (norms, biases) are exempt; the class and mask tokens are decayed."""
+    from timm.optim import param_groups_weight_decay
+
     model = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
                        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
     wd = {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]}
     assert opt.defaults["betas"] == (0.9, 0.95)
-    for name in ("cls_token", "mask_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias",
-                 "decoder_norm.weight", "decoder_pred.bias", "patch_embed.proj.bias"):
+    names = {id(p): n for n, p in model.named_parameters()}
+    official = {names[id(p)]: g["weight_decay"] for g in param_groups_weight_decay(model, 0.05) for p in g["params"]}
+    assert wd == official
+    for name in ("norm.weight", "norm.bias", "blocks.0.attn.qkv.bias", "decoder_norm.weight", "decoder_pred.bias",
+                 "patch_embed.proj.bias"):
         assert wd[name] == 0.0, name
-    for name in ("blocks.0.attn.qkv.weight", "decoder_pred.weight", "patch_embed.proj.weight", "decoder_embed.weight"):
+    for name in ("cls_token", "mask_token", "blocks.0.attn.qkv.weight", "decoder_pred.weight",
+                 "patch_embed.proj.weight", "decoder_embed.weight"):
         assert wd[name] == 0.05, name
     assert "pos_embed" not in wd and "decoder_pos_embed" not in wd  # fixed sin-cos, not trained
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
