@@ -7,13 +7,16 @@ Importing this package registers, in MMSeg's registries:
   from the backbone's ``layer_id`` hook;
 - ``CheckedADE20KDataset`` / ``ADELayoutDataset`` (``DATASETS``): the ADE20K layout, checked;
 - ``PerClassIoUMetric`` (``METRICS``): ``IoUMetric`` that keeps its per-class table;
-- ``SafeCheckpointHook`` (MMEngine's ``HOOKS``): checkpoints that resume under ``weights_only``.
+- ``SafeCheckpointHook`` (MMEngine's ``HOOKS``): checkpoints that resume under ``weights_only``;
+- ``CheckedRunner`` (MMEngine's ``RUNNERS``): the Runner whose checkpoint loads are strict
+  (``load_segmentor_state``: a tensor that does not fit is an error naming it, not a warning).
 
 A config of your own only needs
 ``custom_imports = dict(imports=['segmentation'], allow_failed_imports=False)``.
 Configs: ``segmentation/configs`` (``CONFIG_DIR``).
 """
 from segmentation.backbone import MAEViT
+from segmentation.checkpoint import CheckedRunner, load_segmentor_state
 from segmentation.datasets import ADELayoutDataset, CheckedADE20KDataset, DatasetError, check_label_maps
 from segmentation.engine import CONFIG_DIR, ConfigError, load_config
 from segmentation.metrics import PerClassIoUMetric
@@ -23,6 +26,7 @@ from segmentation.safe_loading import SafeCheckpointHook, from_plain, to_plain
 __all__ = [
     "CONFIG_DIR",
     "ADELayoutDataset",
+    "CheckedRunner",
     "CheckedADE20KDataset",
     "ConfigError",
     "DatasetError",
@@ -32,6 +36,7 @@ __all__ = [
     "ViTLayerDecayOptimizerConstructor",
     "check_label_maps",
     "from_plain",
+    "load_segmentor_state",
     "load_config",
     "to_plain",
 ]

@@ -261,13 +261,21 @@ def setup_cpu_distributed(cfg: Config) -> None:
 
 
 def build_runner(cfg: Config) -> Runner:
-    """MMEngine's ``Runner`` (or the config's ``runner_type``), as MMSeg's own ``tools/train.py``."""
+    """``CheckedRunner`` (MMEngine's ``Runner`` with strict checkpoint loads, see
+    ``segmentation.checkpoint``), or the config's ``runner_type``, which must derive from it."""
+    from segmentation.checkpoint import CheckedRunner
+
     setup_cpu_distributed(cfg)
     if "runner_type" in cfg:
         from mmseg.registry import RUNNERS
 
+        cls = RUNNERS.get(cfg.runner_type) if isinstance(cfg.runner_type, str) else cfg.runner_type
+        if not (isinstance(cls, type) and issubclass(cls, CheckedRunner)):
+            raise ConfigError(f"runner_type {cfg.runner_type!r} does not load checkpoints strictly (MMEngine's Runner "
+                              "skips tensors that do not fit, with a warning); derive it from "
+                              "segmentation.checkpoint.CheckedRunner")
         return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    return CheckedRunner.from_cfg(cfg)
 
 
 def train(cfg: Config, resume: str | bool = False) -> Runner:
@@ -295,10 +303,12 @@ def train(cfg: Config, resume: str | bool = False) -> Runner:
 
 @dataclass
 class TestResult:
-    """Summary metrics (``aAcc``, ``mIoU``, ``mAcc`` in %) and ``{class: {"IoU": %, "Acc": %}}``."""
+    """Summary metrics (``aAcc``, ``mIoU``, ``mAcc`` in %), ``{class: {"IoU": %, "Acc": %}}`` and
+    the checkpoint's load report (what was loaded and resampled)."""
 
     metrics: dict[str, float]
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+    checkpoint: Any = None
 
     def table(self) -> str:
         """The per-class table as plain text."""
@@ -315,6 +325,8 @@ class TestResult:
 def test(cfg: Config, checkpoint: str) -> TestResult:
     """Evaluate a checkpoint on the config's test set.
 
+    The checkpoint is loaded strictly (``segmentation.checkpoint``): one that does not fit the
+    config's model raises ``CheckpointError`` naming the keys, before anything is evaluated.
     A plain ``IoUMetric`` evaluator is run as ``PerClassIoUMetric`` (same arguments) so that the
     per-class numbers come back, not only into the log.
     """
@@ -335,7 +347,28 @@ def test(cfg: Config, checkpoint: str) -> TestResult:
     for metric in runner.test_evaluator.metrics:
         if isinstance(metric, PerClassIoUMetric):
             per_class = metric.per_class
-    return TestResult(metrics={k: float(v) for k, v in metrics.items()}, per_class=per_class)
+    return TestResult(metrics={k: float(v) for k, v in metrics.items()}, per_class=per_class,
+                      checkpoint=getattr(runner, "checkpoint_report", None))
+
+
+def dataset_meta(checkpoint: dict, model: Any) -> dict[str, Any]:
+    """Class names and palette: the checkpoint's ``meta.dataset_meta`` (MMEngine stores it), else
+    (older MMSeg files) ``meta.CLASSES``/``PALETTE``, else MMSeg's fallback: the first dataset with
+    as many classes as the decode head, logged."""
+    from mmengine.logging import print_log
+
+    meta = checkpoint.get("meta") or {}
+    if "dataset_meta" in meta:
+        return meta["dataset_meta"]
+    if "CLASSES" in meta:
+        return {"classes": meta["CLASSES"], "palette": meta["PALETTE"]}
+    from mmseg.utils import dataset_aliases, get_classes, get_palette
+
+    num = model.decode_head.num_classes
+    name = next((n for n in dataset_aliases if len(get_classes(n)) == num), "cityscapes")
+    print_log(f"the checkpoint names no classes (meta.dataset_meta): using {name}'s {len(get_classes(name))} "
+              "class names and palette", logger="current", level=30)
+    return {"classes": get_classes(name), "palette": get_palette(name)}
 
 
 @dataclass
@@ -363,16 +396,20 @@ def infer(cfg: Config, checkpoint: str, image: str, out: str, device: str | None
     from mmseg.apis import inference_model, init_model
     from PIL import Image
 
-    from mae_backbone.io import atomic_write
+    from mae_backbone.io import atomic_write, safe_torch_load
+    from segmentation.checkpoint import load_segmentor_state
 
     for what, path in (("checkpoint", checkpoint), ("image", image)):
         if not osp.isfile(path):
             raise ConfigError(f"no such {what} file: {path}")
     if not 0.0 <= opacity <= 1.0:
         raise ConfigError(f"opacity must be in [0, 1], got {opacity}")
-    verify_checkpoint(checkpoint)
+    state = safe_torch_load(checkpoint)  # weights_only, sha256 verified when the file has one
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    model = init_model(cfg, checkpoint, device=device)
+    model = init_model(cfg, None, device="cpu")  # MMSeg's loader is not strict: load it ourselves
+    load_segmentor_state(model, state, str(checkpoint))
+    model.dataset_meta = dataset_meta(state, model)
+    model.to(device)
     bgr = mmcv.imread(image)  # as MMSeg's pipeline reads it; passed as an array, read once
     result = inference_model(model, bgr)
     pred = result.pred_sem_seg.data[0].cpu().numpy().astype(np.int64)
