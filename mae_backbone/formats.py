@@ -385,7 +385,8 @@ def read_mmseg(obj: Any, notes: Notes) -> StateDict:
             qv_bias.setdefault(m.group(1), {})[m.group(2)[5]] = v
             continue
         if m:
-            new = _rename(m.group(2), _MMSEG_BLOCK, forward=False) or _rename(m.group(2), _MMSEG_MAE_BLOCK, forward=False)
+            rest = m.group(2)
+            new = _rename(rest, _MMSEG_BLOCK, forward=False) or _rename(rest, _MMSEG_MAE_BLOCK, forward=False)
             name = f"blocks.{m.group(1)}.{new}" if new else None
         elif k in ("cls_token", "pos_embed"):
             name = k
@@ -395,9 +396,10 @@ def read_mmseg(obj: Any, notes: Notes) -> StateDict:
             raise CheckpointError(f"MMSeg checkpoint: no ViT equivalent for {k!r}")
         out[name] = v
     for i, parts in qv_bias.items():
-        if set(parts) != {"q", "v"} or f"blocks.{i}.attn.qkv.bias" in out:
+        both = f"blocks.{i}.attn.qkv.bias" in out
+        if set(parts) != {"q", "v"} or both:
             raise CheckpointError(f"MMSeg BEiT checkpoint: layer {i} needs both q_bias and v_bias and no qkv.bias, "
-                                  f"got {sorted(parts)}{' and a qkv.bias' if f'blocks.{i}.attn.qkv.bias' in out else ''}")
+                                  f"got {sorted(parts)}{' and a qkv.bias' if both else ''}")
         out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([parts["q"], torch.zeros_like(parts["q"]), parts["v"]])
     if qv_bias:
         notes.append(f"BEiT q_bias/v_bias of {len(qv_bias)} layers -> attn.qkv.bias with a zero key part "
