@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 import os
 from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
@@ -35,8 +34,7 @@ from torch import nn
 
 from mae_backbone import CheckpointError, UnsafeCheckpointError, VisionTransformer, safe_torch_load
 from mae_backbone.io import add_checksum, atomic_write
-from mae_backbone.checkpoint import REL_POS_KEYS, LoadReport, load_checkpoint
-from mae_backbone.pos_embed import resample_abs_pos_embed, resample_rel_pos
+from mae_backbone.checkpoint import REL_POS_KEYS, LoadReport, fit_model_state, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -251,46 +249,13 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def _owner(model: nn.Module, key: str) -> tuple[nn.Module | None, str]:
-    """The module holding the tensor ``key`` and the tensor's name in it."""
-    path, _, leaf = key.rpartition(".")
-    try:
-        return (model.get_submodule(path) if path else model), leaf
-    except AttributeError:
-        return None, leaf
-
-
-def _fit_grid_tensor(model: nn.Module, key: str, value: torch.Tensor, want: torch.Size
-                     ) -> tuple[torch.Tensor, str] | None:
-    """A ViT tensor whose size follows a grid, fitted to the model's (None: no rule applies).
-
-    - ``pos_embed`` [1, (1+)N, D] of a ``VisionTransformer``: bicubic to its table grid
-      (``pos_grid_size``), the class slot kept (added, zero, when the file has none).
-    - ``rel_pos_h`` / ``rel_pos_w`` [2S-1, C]: linear to the model's length.
-    """
-    module, leaf = _owner(model, key)
-    what = f"{tuple(value.shape)} -> {tuple(want)}"
-    if leaf == "pos_embed" and isinstance(module, VisionTransformer) and value.ndim == 3 and len(want) == 3 \
-            and value.shape[0] == 1 and value.shape[2] == want[2]:
-        grid = tuple(getattr(module, "pos_grid_size", module.grid_size))
-        if want[1] != 1 + grid[0] * grid[1]:
-            return None
-        n = value.shape[1]
-        prefix = 1 if math.isqrt(n - 1) ** 2 == n - 1 else 0 if math.isqrt(n) ** 2 == n else None
-        if prefix is None:
-            return None
-        out = resample_abs_pos_embed(value, grid, num_prefix_tokens=prefix)
-        if prefix == 0:
-            out = torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
-        return out, what + " (bicubic, to the position table's grid)"
-    if leaf in ("rel_pos_h", "rel_pos_w") and value.ndim == 2 and len(want) == 2 and value.shape[1] == want[1]:
-        return resample_rel_pos(value, want[0]), what + " (linear)"
-    return None
-
-
 def fit_detector_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
                        skip_keys: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Check a detector state dict against ``model`` strictly; fit the ViT's grid-sized tensors.
+
+    ``mae_backbone.checkpoint.fit_model_state`` (the one whole-model check, shared with the MMSeg
+    adapter) with Detectron2's exceptions: ``DETECTOR_IGNORED`` (normalization constants, old
+    anchor buffers, BatchNorm step counters) and the partial-load hint.
 
     Args:
         model: the detector (not wrapped in DDP).
@@ -305,47 +270,8 @@ def fit_detector_state(model: nn.Module, state: Mapping[str, torch.Tensor], sour
             that the file lacks, unless a resampling rule, ``skip_keys`` or ``DETECTOR_IGNORED``
             covers it.
     """
-    report = LoadReport(source=source, format="detectron2")
-    target = model.state_dict()
-    fitted: dict[str, torch.Tensor] = {}
-    bad_shapes: list[str] = []
-    for key, value in state.items():
-        if key not in target:
-            continue
-        want = target[key].shape
-        if tuple(value.shape) == tuple(want):
-            fitted[key] = value
-            continue
-        rule = _fit_grid_tensor(model, key, value, want)
-        if rule is not None:
-            fitted[key], report.resampled[key] = rule
-        elif _matches(key, skip_keys):
-            report.skipped_by_shape[key] = f"checkpoint {tuple(value.shape)}, model {tuple(want)}"
-        else:
-            bad_shapes.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(want)}")
-    missing = sorted(k for k in target if k not in state and not _matches(k, DETECTOR_IGNORED))
-    unexpected = sorted(k for k in state if k not in target and not _matches(k, DETECTOR_IGNORED))
-    bad_missing = [k for k in missing if not _matches(k, skip_keys)]
-    bad_unexpected = [k for k in unexpected if not _matches(k, skip_keys)]
-    if bad_shapes or bad_missing or bad_unexpected:
-        parts = []
-        if bad_shapes:
-            parts.append("shapes that do not fit: " + _abbrev(bad_shapes, 5, "; "))
-        if bad_missing:
-            parts.append("missing from the checkpoint: " + _abbrev(bad_missing))
-        if bad_unexpected:
-            parts.append("in the checkpoint but not in the model: " + _abbrev(bad_unexpected))
-        raise CheckpointError(
-            f"{source}: does not fit this {type(model).__name__}; nothing was loaded: " + " | ".join(parts)
-            + ". Is it a checkpoint of this config? To fine-tune from a detector with other classes or "
-            "heads, name the keys to leave at their initialization: train.init_checkpoint_skip="
-            "['roi_heads.box_predictor.*', ...] (detect train) or SafeDetectionCheckpointer(..., skip_keys=...)."
-        )
-    report.loaded = sorted(fitted)
-    report.missing = missing
-    report.unexpected = unexpected
-    return fitted, report
-
-
-def _abbrev(items: list[str], n: int = 10, sep: str = ", ") -> str:
-    return sep.join(items[:n]) + (f"{sep}... ({len(items)} in all)" if len(items) > n else "")
+    return fit_model_state(
+        model, state, source, format="detectron2", skip=skip_keys, ignored=DETECTOR_IGNORED,
+        hint="Is it a checkpoint of this config? To fine-tune from a detector with other classes or heads, "
+             "name the keys to leave at their initialization: train.init_checkpoint_skip="
+             "['roi_heads.box_predictor.*', ...] (detect train) or SafeDetectionCheckpointer(..., skip_keys=...).")

@@ -23,7 +23,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,7 +38,7 @@ from mae_backbone.pos_embed import (
     resample_patch_embed,
     resample_rel_pos,
 )
-from mae_backbone.vit import VIT_ARCHS
+from mae_backbone.vit import VIT_ARCHS, VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +274,114 @@ def _fit_beit_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return resample_beit_rel_pos(table, (side, side), grid)
 
 
+def fit_vit_tensor(
+    vit: nn.Module, key: str, value: torch.Tensor, want: Sequence[int], old_grid: Any = None
+) -> tuple[torch.Tensor, str] | None:
+    """The resampling rule for one ViT tensor whose size follows a grid, or None when none applies.
+
+    - ``pos_embed`` [1, (1+)N, D]: bicubic to the table grid ``vit.pos_grid_size`` (class slot
+      kept; an all-zero one added when the file has none); ``old_grid`` names a non-square source.
+    - ``patch_embed.proj.weight`` [D, C, p, p]: to another patch size (pseudo-inverse resize).
+    - ``blocks.i.attn.rel_pos_h|w`` [2S-1, C]: linear to the model's length.
+    - ``blocks.i.attn.relative_position_bias_table`` (BEiT): bicubic over the offset grid.
+
+    Args:
+        vit: the ``VisionTransformer`` the key (relative to it) belongs to; want: the model's shape.
+    Returns:
+        (the fitted tensor, a line for ``LoadReport.resampled``).
+    Raises:
+        CheckpointError, ValueError: the tensor has a rule but cannot be fitted (e.g. a BEiT table
+            of no square grid, a non-square position table without ``old_grid``).
+    """
+    what = f"{tuple(value.shape)} -> {tuple(want)}"
+    if key == "pos_embed" and value.ndim == 3 and len(want) == 3 and value.shape[-1] == want[-1]:
+        return _fit_pos_embed(value, getattr(vit, "pos_grid_size", vit.grid_size), old_grid), what + " (bicubic)"
+    if key == "patch_embed.proj.weight" and value.ndim == 4 and tuple(value.shape[:2]) == tuple(want[:2]):
+        return resample_patch_embed(value, tuple(want[-2:])), what + " (pseudo-inverse resize)"
+    if key.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) and value.ndim == 2 and value.shape[1:] == want[1:]:
+        return resample_rel_pos(value, want[0]), what + " (linear)"
+    if key.endswith("attn.relative_position_bias_table") and value.ndim == 2 and value.shape[1:] == want[1:]:
+        grid = vit.get_submodule(key.rsplit(".", 1)[0]).rel_pos_grid
+        return _fit_beit_table(value, grid), what + " (bicubic over the offset grid)"
+    return None
+
+
+def fit_model_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str = "<state dict>",
+    *,
+    format: str = "model",
+    skip: Iterable[str] = (),
+    ignored: Iterable[str] = (),
+    resample: bool = True,
+    hint: str = "",
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Check a whole model's state dict (a detector, a segmentor) strictly against ``model``.
+
+    Every tensor must fit by name and shape, except the grid-sized tensors of the
+    ``VisionTransformer``s inside, which ``fit_vit_tensor`` resamples (and the report names).
+
+    Args:
+        model: the whole model (not a DDP wrapper); state: the file's tensors by the model's names.
+        source: the file, for messages; format: the report's format name.
+        skip: glob patterns that may be left out or mis-shaped (an explicit partial load; the
+            report lists them as missing / skipped / unexpected).
+        ignored: glob patterns that are never an error (e.g. ``*num_batches_tracked``).
+        resample: False: grid-sized tensors must fit too (a resume).
+        hint: appended to the error message.
+    Returns:
+        (the tensors to load, the ``LoadReport``).
+    Raises:
+        CheckpointError: naming the file and every key that does not fit, that the model lacks or
+            that the file lacks; nothing is loaded.
+    """
+    skip, ignored = tuple(skip), tuple(ignored)
+    report = LoadReport(source=source, format=format)
+    target = model.state_dict()
+    vits = sorted(((name + "." if name else "", m) for name, m in model.named_modules()
+                   if isinstance(m, VisionTransformer)), key=lambda item: -len(item[0]))
+    fitted: dict[str, torch.Tensor] = {}
+    bad_shapes: list[str] = []
+    for key, value in state.items():
+        if key not in target:
+            continue
+        want = target[key].shape
+        if tuple(value.shape) == tuple(want):
+            fitted[key] = value
+            continue
+        what = f"checkpoint {tuple(value.shape)}, model {tuple(want)}"
+        owner = next(((p, m) for p, m in vits if key.startswith(p)), None) if resample else None
+        try:
+            rule = fit_vit_tensor(owner[1], key[len(owner[0]):], value, want) if owner else None
+        except (CheckpointError, ValueError) as exc:
+            rule, what = None, f"{what} ({exc})"
+        if rule is not None:
+            fitted[key], report.resampled[key] = rule
+        elif _matches(key, skip):
+            report.skipped_by_shape[key] = what
+        else:
+            bad_shapes.append(f"{key}: {what}")
+    missing = sorted(k for k in target if k not in state and not _matches(k, ignored))
+    unexpected = sorted(k for k in state if k not in target and not _matches(k, ignored))
+    bad_missing = [k for k in missing if not _matches(k, skip)]
+    bad_unexpected = [k for k in unexpected if not _matches(k, skip)]
+    if bad_shapes or bad_missing or bad_unexpected:
+        parts = []
+        if bad_shapes:
+            parts.append("shapes that do not fit: " + _abbrev(bad_shapes, 5, "; "))
+        if bad_missing:
+            parts.append(f"missing from the checkpoint: {_abbrev(bad_missing)}")
+        if bad_unexpected:
+            parts.append(f"in the checkpoint but not in the model: {_abbrev(bad_unexpected)}")
+        raise CheckpointError(f"{source}: does not fit this {type(model).__name__}; nothing was loaded: "
+                              + " | ".join(parts) + (f". {hint}" if hint else ""))
+    report.loaded = sorted(fitted)
+    report.missing = missing
+    report.unexpected = unexpected
+    return fitted, report
+
+
 def load_checkpoint(
     model: nn.Module,
     src: str | Path | Mapping[str, torch.Tensor],
@@ -322,22 +430,13 @@ def load_checkpoint(
             fitted[key] = value
             continue
         what = f"{tuple(value.shape)} -> {tuple(want)}"
-        if key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
-            fitted[key] = _fit_pos_embed(value, getattr(vit, "pos_grid_size", vit.grid_size), old_grid)
-            report.resampled[key] = what + " (bicubic)"
-        elif key == "patch_embed.proj.weight" and value.shape[:2] == want[:2]:
-            fitted[key] = resample_patch_embed(value, want[-2:])
-            report.resampled[key] = what + " (pseudo-inverse resize)"
-        elif key.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) and value.shape[1:] == want[1:]:
-            fitted[key] = resample_rel_pos(value, want[0])
-            report.resampled[key] = what + " (linear)"
-        elif key.endswith("attn.relative_position_bias_table") and value.shape[1:] == want[1:]:
-            try:
-                fitted[key] = _fit_beit_table(value, vit.get_submodule(key.rsplit(".", 1)[0]).rel_pos_grid)
-            except CheckpointError as exc:
-                bad_shapes.append(f"{key}: {exc}")
-                continue
-            report.resampled[key] = what + " (bicubic over the offset grid)"
+        try:
+            rule = fit_vit_tensor(vit, key, value, want, old_grid)
+        except (CheckpointError, ValueError) as exc:
+            bad_shapes.append(f"{key}: {exc}")
+            continue
+        if rule is not None:
+            fitted[key], report.resampled[key] = rule
         elif _matches(key, allow_missing):
             report.skipped_by_shape[key] = what
         else:
@@ -350,8 +449,7 @@ def load_checkpoint(
     if bad_shapes or bad_missing or bad_unexpected:
         parts = []
         if bad_shapes:
-            parts.append("shapes that do not fit: " + "; ".join(bad_shapes[:5])
-                         + (f"; ... ({len(bad_shapes)} in all)" if len(bad_shapes) > 5 else ""))
+            parts.append("shapes that do not fit: " + _abbrev(bad_shapes, 5, "; "))
         if bad_missing:
             parts.append(f"missing from the checkpoint: {_abbrev(bad_missing)}")
         if bad_unexpected:
@@ -380,5 +478,5 @@ def _summarize(keys: list[str]) -> list[str]:
     return [k if n == 1 else f"{k} (x{n})" for k, n in counts.items()]
 
 
-def _abbrev(keys: list[str], n: int = 10) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+def _abbrev(keys: list[str], n: int = 10, sep: str = ", ") -> str:
+    return sep.join(keys[:n]) + (f"{sep}... ({len(keys)} in all)" if len(keys) > n else "")

@@ -8,8 +8,9 @@ through ``load_segmentor_state``:
 - a tensor whose shape does not fit, a model tensor the file lacks, or a file tensor the model
   lacks raises ``CheckpointError`` naming the file and the keys, before any weight changes;
 - except the grid-sized tensors of an ``mae_backbone`` ViT (``backbone.vit.``), which
-  ``mae_backbone.load_checkpoint`` fits by its resampling rules (absolute position table,
-  patch kernel, relative position tables) and reports (``LoadReport.resampled``), e.g. a model
+  ``mae_backbone.checkpoint.fit_model_state`` (the one whole-model check, shared with the
+  Detectron2 adapter) fits by its resampling rules (absolute position table, patch kernel,
+  relative position tables) and reports (``LoadReport.resampled``), e.g. a model
   trained at 512 px tested with a 640 px config;  a resume checkpoint must fit exactly (its
   optimizer state follows the shapes);
 - BatchNorm's step counters (``num_batches_tracked``) may be absent, as torch allows.
@@ -31,16 +32,12 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint
 from torch import nn
 
-from mae_backbone import CheckpointError, VisionTransformer
-from mae_backbone.checkpoint import LoadReport, load_checkpoint
+from mae_backbone import CheckpointError
+from mae_backbone.checkpoint import LoadReport, fit_model_state
 
 # Segmentor keys a file may lack without error (torch fills them in)
 SEGMENTOR_IGNORED = ("*num_batches_tracked",)
 REVISE_KEYS = ((r"^module\.", ""),)  # a DDP-wrapped model's names, as MMEngine strips them
-
-
-def _abbrev(items: Sequence[str], n: int = 8) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def load_segmentor_state(
@@ -68,46 +65,12 @@ def load_segmentor_state(
         raise CheckpointError(f"{source}: not a segmentor checkpoint (no state_dict of tensors)")
     for pattern, repl in revise_keys:
         sd = {re.sub(pattern, repl, k): v for k, v in sd.items()}
-    target = model.state_dict()
-    vits = [name + "." for name, m in model.named_modules() if isinstance(m, VisionTransformer) and name]
-
-    def in_vit(key: str) -> bool:
-        return any(key.startswith(p) for p in vits)
-
-    def ignored(key: str) -> bool:
-        return any(fnmatch.fnmatchcase(key, p) for p in SEGMENTOR_IGNORED)
-
-    shapes = [f"{k}: file {tuple(v.shape)}, model {tuple(target[k].shape)}" for k, v in sd.items()
-              if k in target and v.shape != target[k].shape and (not resample or not in_vit(k))]
-    missing = sorted(k for k in target if k not in sd and not in_vit(k) and not ignored(k))
-    unexpected = sorted(k for k in sd if k not in target and not in_vit(k) and not ignored(k))
-    if shapes or missing or unexpected:
-        parts = []
-        if shapes:
-            parts.append("shapes that do not fit: " + "; ".join(shapes[:5])
-                         + (f"; ... ({len(shapes)} in all)" if len(shapes) > 5 else ""))
-        if missing:
-            parts.append(f"missing from the file: {_abbrev(missing)}")
-        if unexpected:
-            parts.append(f"in the file but not in the model: {_abbrev(unexpected)}")
-        raise CheckpointError(f"{source}: does not fit the model of this config ({type(model).__name__}); nothing "
-                              "was loaded: " + " | ".join(parts))
-
-    report = LoadReport(source=source, format="segmentor")
-    for prefix in vits:  # the ViT's own strict loader, with its resampling rules and report
-        part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        try:
-            vit_report = load_checkpoint(model, part, prefix=prefix)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{source}: {prefix}*: {str(exc).split(': ', 1)[-1]}") from None
-        report.loaded += [prefix + k for k in vit_report.loaded]
-        report.resampled.update({prefix + k: v for k, v in vit_report.resampled.items()})
-    rest = {k: v for k, v in sd.items() if not in_vit(k)}
-    result = model.load_state_dict(rest, strict=False)
-    left = [k for k in result.missing_keys if not in_vit(k) and not ignored(k)]
+    fitted, report = fit_model_state(model, sd, source, format="segmentor", ignored=SEGMENTOR_IGNORED,
+                                     resample=resample, hint="Is it a checkpoint of this config?")
+    result = model.load_state_dict(fitted, strict=False)
+    left = [k for k in result.missing_keys if not any(fnmatch.fnmatchcase(k, p) for p in SEGMENTOR_IGNORED)]
     if left or result.unexpected_keys:
         raise CheckpointError(f"{source}: internal mismatch while loading ({result})")
-    report.loaded += sorted(rest)
     print_log(f"segmentor weights: {report}", logger="current")
     return report
 

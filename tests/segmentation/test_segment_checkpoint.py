@@ -61,11 +61,11 @@ def _no_table(sd):
 
 
 @pytest.mark.parametrize("change, named", [
-    (_wrong_head, "decode_head.conv_seg.weight: file (5, 32, 1, 1), model (3, 32, 1, 1)"),
-    (_no_neck, "missing from the file: neck."),
-    (_extra, "in the file but not in the model: decode_head.extra.weight"),
-    (_wrong_block, "blocks.1.mlp.fc1.weight: checkpoint (8, 64), model (256, 64)"),
-    (_no_table, "missing from the checkpoint: blocks.0.attn.relative_position_bias_table"),
+    (_wrong_head, "decode_head.conv_seg.weight: checkpoint (5, 32, 1, 1), model (3, 32, 1, 1)"),
+    (_no_neck, "missing from the checkpoint: neck."),
+    (_extra, "in the checkpoint but not in the model: decode_head.extra.weight"),
+    (_wrong_block, "backbone.vit.blocks.1.mlp.fc1.weight: checkpoint (8, 64), model (256, 64)"),
+    (_no_table, "missing from the checkpoint: backbone.vit.blocks.0.attn.relative_position_bias_table"),
 ], ids=lambda v: getattr(v, "__name__", "")[1:] if callable(v) else "")
 def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_keys(tiny_config, change, named):
     sd = state(build(tiny_config))
@@ -97,7 +97,7 @@ def test_grid_sized_vit_tensors_are_resampled_and_reported(tiny_config):
     for k, v in src.state_dict().items():
         if k not in report.resampled:
             assert torch.equal(got[k], v), k
-    with pytest.raises(CheckpointError, match=r"backbone\.vit\.pos_embed: file \(1, 5, 64\), model \(1, 17, 64\)"):
+    with pytest.raises(CheckpointError, match=r"backbone\.vit\.pos_embed: checkpoint \(1, 5, 64\), model \(1, 17, 64\)"):
         load_segmentor_state(model, {"state_dict": sd}, "small.pth", resample=False)  # a resume must fit
 
 
@@ -110,7 +110,7 @@ def test_segment_test_refuses_a_checkpoint_that_does_not_fit(tiny_config, tmp_pa
                "--cfg-options", f"experiment_name={unique_name()}"])
     out, err = capsys.readouterr()
     assert rc == 2
-    assert "other_classes.pth: does not fit the model" in err and "decode_head.conv_seg.weight" in err
+    assert "other_classes.pth: does not fit this EncoderDecoder" in err and "decode_head.conv_seg.weight" in err
     assert "mIoU: " not in out and "aAcc" not in out  # no scores printed
 
 
@@ -134,7 +134,7 @@ def test_train_load_from_that_does_not_fit_stops_before_training(tiny_config, tm
                "--cfg-options", f"load_from={ckpt}", f"experiment_name={unique_name()}"])
     err = capsys.readouterr().err
     assert rc == 2 and "no_neck.pth: does not fit" in err
-    assert "missing from the file: neck." in err
+    assert "missing from the checkpoint: neck." in err
     assert not list(work.glob("iter_*.pth"))
 
 
