@@ -367,15 +367,8 @@ def fit_model_state(
     bad_missing = [k for k in missing if not _matches(k, skip)]
     bad_unexpected = [k for k in unexpected if not _matches(k, skip)]
     if bad_shapes or bad_missing or bad_unexpected:
-        parts = []
-        if bad_shapes:
-            parts.append("shapes that do not fit: " + _abbrev(bad_shapes, 5, "; "))
-        if bad_missing:
-            parts.append(f"missing from the checkpoint: {_abbrev(bad_missing)}")
-        if bad_unexpected:
-            parts.append(f"in the checkpoint but not in the model: {_abbrev(bad_unexpected)}")
         raise CheckpointError(f"{source}: does not fit this {type(model).__name__}; nothing was loaded: "
-                              + " | ".join(parts) + (f". {hint}" if hint else ""))
+                              + _misfit(bad_shapes, bad_missing, bad_unexpected) + (f". {hint}" if hint else ""))
     report.loaded = sorted(fitted)
     report.missing = missing
     report.unexpected = unexpected
@@ -447,16 +440,10 @@ def load_checkpoint(
     bad_missing = [k for k in missing if not _matches(k, allow_missing) and k not in report.skipped_by_shape]
     bad_unexpected = [k for k in unexpected if not _matches(k, allow_unexpected)]
     if bad_shapes or bad_missing or bad_unexpected:
-        parts = []
-        if bad_shapes:
-            parts.append("shapes that do not fit: " + _abbrev(bad_shapes, 5, "; "))
-        if bad_missing:
-            parts.append(f"missing from the checkpoint: {_abbrev(bad_missing)}")
-        if bad_unexpected:
-            parts.append(f"in the checkpoint but not in the model: {_abbrev(bad_unexpected)}")
         arch = infer_arch(sd)
         hint = f" (the checkpoint looks like {arch.get('arch') or arch})" if arch else ""
-        raise CheckpointError(f"{report.source}: cannot load into {type(vit).__name__}{hint}: " + " | ".join(parts))
+        raise CheckpointError(f"{report.source}: cannot load into {type(vit).__name__}{hint}: "
+                              + _misfit(bad_shapes, bad_missing, bad_unexpected))
 
     result = model.load_state_dict({prefix + k: v for k, v in fitted.items()}, strict=False)
     got_missing = sorted(k[len(prefix):] for k in result.missing_keys if k.startswith(prefix))
@@ -476,6 +463,18 @@ def _summarize(keys: list[str]) -> list[str]:
         folded = re.sub(r"^blocks\.\d+\.", "blocks.*.", k)
         counts[folded] = counts.get(folded, 0) + 1
     return [k if n == 1 else f"{k} (x{n})" for k, n in counts.items()]
+
+
+def _misfit(bad_shapes: list[str], bad_missing: list[str], bad_unexpected: list[str]) -> str:
+    """What does not fit, for an error message: shapes | missing keys | unexpected keys."""
+    parts = []
+    if bad_shapes:
+        parts.append("shapes that do not fit: " + _abbrev(bad_shapes, 5, "; "))
+    if bad_missing:
+        parts.append(f"missing from the checkpoint: {_abbrev(bad_missing)}")
+    if bad_unexpected:
+        parts.append(f"in the checkpoint but not in the model: {_abbrev(bad_unexpected)}")
+    return " | ".join(parts)
 
 
 def _abbrev(keys: list[str], n: int = 10, sep: str = ", ") -> str:

@@ -407,24 +407,32 @@ def read_mmseg(obj: Any, notes: Notes) -> StateDict:
     return out
 
 
-def write_mmseg(sd: StateDict, meta: dict[str, Any]) -> Any:
+def _to_mmseg_layers(sd: StateDict, block_pairs: list[tuple[str, str]], target: str, hint: str = "") -> StateDict:
+    """Our keys -> MMSeg's ``layers.{i}...`` / ``patch_embed.projection`` / ``ln1`` layout; the
+    classifier (``head``, ``fc_norm``) is left out (MMSeg backbones have none); anything else
+    without an equivalent in ``target`` is an error."""
     out: StateDict = {}
     for k, v in sd.items():
         m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
         if m:
-            new = _rename(m.group(2), _MMSEG_BLOCK, forward=True)
+            new = _rename(m.group(2), block_pairs, forward=True)
             name = f"layers.{m.group(1)}.{new}" if new else None
         elif k in ("cls_token", "pos_embed"):
             name = k
         elif k.startswith(("head.", "fc_norm.")):
-            continue  # MMSeg backbones have no classifier
+            continue
         else:
             name = _rename(k, _MMSEG_TOP, forward=True)
         if name is None:
-            raise CheckpointError(f"MMSeg VisionTransformer has no equivalent of {k!r}"
-                                  + (" (BEiT relative position tables and layer scale: write 'mmseg-mae')"
-                                     if "relative_position" in k or ".ls" in k else ""))
+            raise CheckpointError(f"{target} has no equivalent of {k!r}" + (hint if "relative_position" in k
+                                                                            or ".ls" in k else ""))
         out[name] = v
+    return out
+
+
+def write_mmseg(sd: StateDict, meta: dict[str, Any]) -> Any:
+    out = _to_mmseg_layers(sd, _MMSEG_BLOCK, "MMSeg VisionTransformer",
+                           " (BEiT relative position tables and layer scale: write 'mmseg-mae')")
     return {"state_dict": out, "meta": {"converted_by": "mae-transfer"}}
 
 
@@ -457,23 +465,10 @@ def write_mmseg_mae(sd: StateDict, meta: dict[str, Any]) -> Any:
     """
     from mae_backbone.layers import beit_rel_pos_index
 
-    out: StateDict = {}
-    for k, v in sd.items():
-        m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
-        if m:
-            new = _rename(m.group(2), _MMSEG_MAE_BLOCK, forward=True)
-            name = f"layers.{m.group(1)}.{new}" if new else None
-        elif k in ("cls_token", "pos_embed"):
-            name = k
-        elif k.startswith(("head.", "fc_norm.")):
-            continue  # MMSeg backbones have no classifier
-        else:
-            name = _rename(k, _MMSEG_TOP, forward=True)
-        if name is None:
-            raise CheckpointError(f"MMSeg MAE has no equivalent of {k!r}")
-        out[name] = v
+    out = _to_mmseg_layers(sd, _MMSEG_MAE_BLOCK, "MMSeg MAE")
+    for name, v in list(out.items()):
         if name.endswith("attn.relative_position_bias_table"):
-            grid = _beit_grid(v.shape[0], meta, k)
+            grid = _beit_grid(v.shape[0], meta, name)
             out[name.replace("relative_position_bias_table", "relative_position_index")] = beit_rel_pos_index(grid)
     return {"state_dict": out, "meta": {"converted_by": "mae-transfer"}}
 
