@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from pretrain.config import canonical_keys, coerce_value, read_options_file
+from training.options import canonical_keys, coerce_value, read_options_file
+from training.precision import PRECISIONS
 
 PROTOCOLS = ("finetune", "linprobe")
 POOLS = ("avg", "cls")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MIXUP_MODES = ("batch", "pair", "elem")
 
 # Per-architecture fine-tuning recipes (paper Table 9 and the official FINETUNE.md scripts);

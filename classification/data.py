@@ -4,8 +4,8 @@ Layout: ``root/<class>/<image>`` (torchvision ``ImageFolder``'s; classes are the
 names).  The validation folder must hold exactly the training folder's classes
 (``check_same_classes``), else the labels would silently mean different things.
 
-Reproducibility (as in ``pretrain.data``): the training order of an epoch comes from
-``pretrain.data.EpochBatchSampler`` (a pure function of ``(seed, epoch)``), and each sample's
+Reproducibility (as in pretraining): the training order of an epoch comes from
+``training.data.EpochBatchSampler`` (a pure function of ``(seed, epoch)``), and each sample's
 augmentation runs with python ``random``, numpy and torch seeded from ``(seed, epoch, index)``
 (timm's RandAugment, crop and erasing use all three), so it does not depend on which worker
 process loads it.  Mixup / cutmix (numpy) and drop path (torch) run in the training process,
@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError, load_rgb
+from training.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError, load_rgb
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -193,21 +193,6 @@ def collate(items: list[Item]) -> dict[str, Any]:
         targets=torch.tensor([it.target for it in good], dtype=torch.int64),
         failures=[it.failure for it in items if it.failure is not None],
     )
-
-
-class EvalBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Every sample once, in order: process ``rank`` takes indices ``rank, rank + world_size, ...``."""
-
-    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, num_samples, world_size))
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for j in range(0, len(self.indices), self.batch_size):
-            yield [(i, 0) for i in self.indices[j : j + self.batch_size]]
 
 
 # --------------------------------------------------------------------------- mixup

@@ -1,6 +1,6 @@
 """The classifier's training step and one evaluation pass.
 
-Training runs in the shared epoch loop, ``pretrain.engine.train_one_epoch`` (accumulation,
+Training runs in the shared epoch loop, ``training.loop.train_one_epoch`` (accumulation,
 autocast, non-finite steps skipped everywhere and counted, ``max_nonfinite`` in a row stop the
 run); ``StepSetup`` is what a classifier adds to it: per optimizer step, the learning rate comes
 from the schedule at the global step (``scheduler.step_update(step)``, which applies each group's
@@ -17,16 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from classification.metrics import AccuracyMeter
-from pretrain.distributed import DistInfo, all_reduce_sum
-from pretrain.engine import EpochStats, MicroBatch, amp_autocast, note_failures, train_one_epoch
-from pretrain.monitor import Monitor
+from training.distributed import DistInfo, all_reduce_sum
+from training.loop import EpochStats, MicroBatch, note_failures, train_one_epoch
+from training.monitor import Monitor
+from training.precision import amp_autocast, resolve_amp
 
 __all__ = ["EpochStats", "StepSetup", "evaluate", "resolve_amp", "train_one_epoch"]
 
 
 @dataclass
 class StepSetup:
-    """The classifier's ``pretrain.engine.StepRecipe``: what the loop needs besides the model,
+    """The classifier's ``training.loop.StepRecipe``: what the loop needs besides the model,
     the data and the optimizer."""
 
     criterion: nn.Module
@@ -65,14 +66,6 @@ class StepSetup:
     def after_step(self, model: nn.Module, step: int) -> None:
         if self.ema is not None:
             self.ema.update(model.module if hasattr(model, "module") else model, step=step)
-
-
-def resolve_amp(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a grad scaler is needed); ``auto`` is bf16 on a
-    GPU that supports it, else fp32."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[precision]
 
 
 @torch.no_grad()

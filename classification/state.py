@@ -28,7 +28,7 @@ from torch import nn
 from classification.models import ClassifierViT, build_classifier, describe_model, fold_bn_head
 from mae_backbone import CheckpointError, safe_torch_load
 from mae_backbone.checkpoint import infer_arch, load_checkpoint, read_checkpoint, save_checkpoint
-from pretrain.state import (
+from training.state import (
     NonFiniteModelError,
     load_model_strict,
     nonfinite_parameters,

@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 from classification.config import ClassifyConfig
 from classification.data import (
     ClassFolder,
-    EvalBatchSampler,
     build_criterion,
     build_mixup,
     build_transform,
@@ -56,12 +55,12 @@ from classification.state import (
     save_training_state,
 )
 from mae_backbone import CheckpointError, atomic_write
-from pretrain.data import DataError, EpochBatchSampler
-from pretrain.distributed import DistInfo, barrier, cleanup, init_distributed
-from pretrain.engine import Counters
-from pretrain.monitor import Monitor
-from pretrain.optim import absolute_lr
-from pretrain.state import check_finite_weights, seed_epoch_rngs, warn_config_changes
+from training.data import DataError, EpochBatchSampler, EvalBatchSampler
+from training.distributed import DistInfo, barrier, cleanup, init_distributed
+from training.loop import Counters
+from training.monitor import Monitor
+from training.schedule import absolute_lr
+from training.state import check_finite_weights, seed_epoch_rngs, warn_config_changes
 
 logger = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ baselines on the same encoder and budget: MoCo v3 (``pretrain.moco``) and a supe
 """
 from pretrain.baselines import pretrain_backbone
 from pretrain.config import METHODS, PretrainConfig, make_config
-from pretrain.data import AUGMENTATIONS, DataError, EpochBatchSampler, ImageFiles, build_transform, list_images
-from pretrain.engine import TrainingDiverged
+from pretrain.data import AUGMENTATIONS, ImageFiles, build_transform
 from pretrain.masking import MASKINGS, block_mask, grid_mask, mask_noise, num_keep
 from pretrain.model import MAE_ARCHS, TARGETS, MaskedAutoencoderViT, create_mae, list_mae_models
 from pretrain.moco import MoCoV3, contrastive_loss, create_moco, momentum_at
-from pretrain.state import CHECKPOINT_NAME, ENCODER_NAME, NonFiniteModelError, export_encoder
+from pretrain.state import CHECKPOINT_NAME, ENCODER_NAME, export_encoder
 from pretrain.train import RunResult, build_model, train
 from pretrain.visualize import load_mae, reconstruct, render_figure, visualize
+from training import DataError, EpochBatchSampler, NonFiniteModelError, TrainingDiverged, list_images
 
 __all__ = [
     "AUGMENTATIONS",

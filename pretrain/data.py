@@ -1,110 +1,25 @@
-"""Pretraining data: image files, the paper's augmentations, and a reproducible epoch order.
+"""Pretraining data: image files and the paper's augmentations.
 
-Sources (``list_images``): a folder searched recursively (ImageNet-style class folders or a flat
-folder of images), or a text file with one image path per line (relative paths are relative to
-the list file; blank lines and ``#`` comments are ignored).
-
-Reproducibility: every random choice of an epoch is a pure function of ``(seed, epoch)``: the
-order (``EpochBatchSampler``) and, per sample, its augmentation and its mask (seeded by
-``sample_seed(seed, epoch, index)``).  So a resumed run sees exactly the data the uninterrupted
-run would have, and N processes with batch B each see exactly what one process with batch N*B
-sees.
+The file list, decoding and the epoch order are the shared runtime's (``training.data``:
+``list_images``, ``load_rgb``, ``EpochBatchSampler``); here each sample's augmentation runs with
+torch's generator seeded by its ``sample_seed`` (and its mask uses ``mix_seed(sample_seed, 1)``).
 
 Unreadable images: ``ImageFiles`` returns a ``failure`` instead of raising; ``collate`` drops the
 sample and reports the file, so that one bad file never stops training.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from training.data import IMAGENET_MEAN, IMAGENET_STD, DataError, load_rgb
+
 AUGMENTATIONS = ("none", "crop_fixed", "crop_rand", "crop_rand_colorjit")
-
-_MASK64 = (1 << 64) - 1
-
-
-class DataError(ValueError):
-    """The data cannot be used for training (nothing found, nothing readable, too few images)."""
-
-
-# --------------------------------------------------------------------------- seeds
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def mix_seed(*values: int) -> int:
-    """A well-mixed 63-bit seed from a sequence of integers (SplitMix64)."""
-    h = 0
-    for v in values:
-        h = _splitmix64(h ^ (int(v) & _MASK64))
-    return h >> 1
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's augmentation in one epoch (its mask uses ``mix_seed(this, 1)``)."""
-    return mix_seed(seed, epoch, index)
-
-
-# --------------------------------------------------------------------------- files
-def list_images(source: str | os.PathLike) -> list[Path]:
-    """Image files of a folder (recursive, sorted) or of a list file.
-
-    Raises:
-        DataError: the source does not exist or holds no image.
-    """
-    src = Path(source)
-    if src.is_file():
-        files = []
-        for line in src.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                p = Path(line)
-                files.append(p if p.is_absolute() else src.parent / p)
-        if not files:
-            raise DataError(f"{src}: the list file names no image")
-        return files
-    if not src.is_dir():
-        raise DataError(f"{src}: no such folder or list file")
-    files = []
-    for root, dirs, names in os.walk(src, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(Path(root) / n for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS))
-    if not files:
-        raise DataError(f"{src}: no image files ({', '.join(IMG_EXTENSIONS)}) in the folder or its subfolders")
-    return files
-
-
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as 8-bit RGB (raises whatever PIL raises on a bad file).
-
-    Grayscale, palette, CMYK and alpha images are converted by Pillow; 16-bit grayscale (``I;16``,
-    or ``I`` as older Pillow opens 16-bit PNGs) is scaled from 0..65535 to 0..255, where Pillow's
-    own conversion would clip everything above 255 to white.  Pillow's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS``) applies: a larger image raises ``DecompressionBombError``.
-    """
-    with Image.open(path) as img:
-        if img.mode in _SIXTEEN_BIT:
-            import numpy as np
-
-            values = np.asarray(img, dtype=np.float64)
-            gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-            return Image.fromarray(gray).convert("RGB")
-        return img.convert("RGB")
 
 
 # --------------------------------------------------------------------------- transforms
@@ -205,65 +120,3 @@ def collate(items: list[Item]) -> dict[str, Any]:
         indices=torch.tensor([it.index for it in good], dtype=torch.int64),
         failures=failures,
     )
-
-
-# --------------------------------------------------------------------------- order
-class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
-    """One process's micro-batches of ``(index, sample_seed)`` keys for an epoch.
-
-    The epoch's permutation is ``randperm(num_samples)`` from a generator seeded by
-    ``mix_seed(seed, epoch)``; it is cut into global micro-batches of ``batch_size * world_size``
-    (the tail that does not fill a whole optimizer step is dropped) and process ``rank`` takes
-    slice ``[rank * batch_size, (rank + 1) * batch_size)`` of each.  So the union over processes
-    of micro-batch j is the same whatever ``world_size``, for the same global batch.
-
-    Args:
-        num_samples: dataset size.
-        batch_size: per-process micro-batch.
-        seed: the run's seed.
-        rank, world_size: this process and the number of processes.
-        accum_iter: micro-batches per optimizer step (whole steps only).
-        shuffle: permute (else dataset order).
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        accum_iter: int = 1,
-        shuffle: bool = True,
-    ):
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.accum_iter = accum_iter
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch."""
-        return self.num_samples // (self.batch_size * self.world_size * self.accum_iter)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch * self.accum_iter
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=gen).tolist()
-        else:
-            order = list(range(self.num_samples))
-        global_micro = self.batch_size * self.world_size
-        start = self.rank * self.batch_size
-        for j in range(len(self)):
-            chunk = order[j * global_micro + start : j * global_micro + start + self.batch_size]
-            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]

@@ -40,8 +40,10 @@ from PIL import Image
 from torch import nn
 
 from mae_backbone import VIT_ARCHS, VisionTransformer
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.engine import MicroBatch, PretrainSteps, amp_autocast
+from pretrain.engine import PretrainSteps
+from training.data import IMAGENET_MEAN, IMAGENET_STD
+from training.loop import MicroBatch
+from training.precision import amp_autocast
 
 # the official recipe (ViT-S/B): projection 3 x 4096 -> 256, prediction 2 x 4096 -> 256, tau 0.2, m0 0.99
 MOCO_DEFAULTS: dict[str, Any] = dict(proj_hidden=4096, dim=256, pred_hidden=4096, temperature=0.2)

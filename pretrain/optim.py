@@ -1,38 +1,13 @@
-"""MAE's optimizer and schedule: AdamW (0.9, 0.95), lr = base lr x batch / 256, warmup + cosine.
-
-The learning rate is a pure function of the optimizer step (``lr_at``), so a resumed run continues
-the schedule exactly where it stopped.
-"""
+"""MAE's optimizer: AdamW (0.9, 0.95) (its lr: ``training.schedule``, base lr x batch / 256,
+warmup + cosine), and bf16 working copies of the weights (``LowPrecisionWeights``)."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from mae_backbone import layer_decay_param_groups
-
-
-def absolute_lr(blr: float, effective_batch: int) -> float:
-    """The linear scaling rule: ``blr * effective_batch / 256``."""
-    return blr * effective_batch / 256
-
-
-def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate at optimizer step ``step`` (0-based): linear warmup from 0, then half-cosine to ``min_lr``."""
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    if total_steps <= warmup_steps:
-        return base_lr
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr to ``lr * group['lr_scale']``."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> torch.optim.AdamW:

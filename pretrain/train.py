@@ -30,34 +30,27 @@ from torch.utils.data import DataLoader
 
 from mae_backbone import atomic_write
 from pretrain.config import PretrainConfig
-from pretrain.data import (
-    DataError,
-    EpochBatchSampler,
-    ImageFiles,
-    build_transform,
-    collate,
-    list_images,
-    load_rgb,
-    mix_seed,
-)
-from pretrain.distributed import all_reduce_sum, barrier, cleanup, init_distributed
-from pretrain.engine import Counters, StepSetup, train_one_epoch
+from pretrain.data import ImageFiles, build_transform, collate
+from pretrain.engine import StepSetup
 from pretrain.masking import check_masking, mask_noise
 from pretrain.model import MAE_ARCHS, MaskedAutoencoderViT, create_mae
 from pretrain.moco import MoCoV3, MocoStepSetup, build_moco_optimizer, build_moco_transform, create_moco
-from pretrain.monitor import Monitor
-from pretrain.optim import absolute_lr, build_optimizer, lr_at
+from pretrain.optim import build_optimizer
 from pretrain.state import (
     CHECKPOINT_NAME,
     ENCODER_NAME,
-    check_finite_weights,
     export_encoder,
     load_training_state,
     restore_training_state,
     save_training_state,
-    seed_epoch_rngs,
-    warn_config_changes,
 )
+from training.data import DataError, EpochBatchSampler, list_images, load_rgb, mix_seed
+from training.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from training.loop import Counters, train_one_epoch
+from training.monitor import Monitor
+from training.precision import AMP_DTYPES, resolve_precision
+from training.schedule import absolute_lr, lr_at
+from training.state import check_finite_weights, seed_epoch_rngs, warn_config_changes
 
 logger = logging.getLogger(__name__)
 
@@ -102,16 +95,6 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT | MoCoV3:
         grad_checkpointing=cfg.grad_checkpointing,
         **cfg.model_kwargs,
     )
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on a GPU that supports it, else ``fp32``."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
-
-
-AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _vis_batch(files: list[Path], img_size: int, count: int) -> torch.Tensor | None:

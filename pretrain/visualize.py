@@ -15,10 +15,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mae_backbone import VIT_ARCHS, CheckpointError, atomic_write, safe_torch_load
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_rgb, mix_seed
+from pretrain.data import build_transform
 from pretrain.masking import mask_noise
 from pretrain.model import DECODER_DEFAULTS, MaskedAutoencoderViT
-from pretrain.state import load_model_strict
+from training.data import IMAGENET_MEAN, IMAGENET_STD, load_rgb, mix_seed
+from training.state import load_model_strict
 
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 NORM_PIX_NOTE = ("norm-pixel model: each reconstructed patch is de-normalized with the true patch's "

@@ -34,9 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from classification.config import config_from_args
     from classification.train import evaluate_checkpoint, train
     from mae_backbone import CheckpointError
-    from pretrain.data import DataError
-    from pretrain.engine import TrainingDiverged
-    from pretrain.state import NonFiniteModelError
+    from training import DataError, NonFiniteModelError, TrainingDiverged
 
     protocol = args.command
     main_process = os.environ.get("RANK", "0") == "0"

@@ -14,10 +14,8 @@ import sys
 def run(args: argparse.Namespace) -> int:
     from mae_backbone import CheckpointError
     from pretrain.config import config_from_args
-    from pretrain.data import DataError
-    from pretrain.engine import TrainingDiverged
-    from pretrain.state import NonFiniteModelError
     from pretrain.train import train
+    from training import DataError, NonFiniteModelError, TrainingDiverged
 
     main_process = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,

@@ -98,7 +98,7 @@ def test_eval_of_an_official_mae_fine_tuned_checkpoint(dataset, tmp_path):
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["top1"] == metrics["top1"]
     vit3 = create_vit("vit_tiny_patch16", img_size=32, depth=2, num_classes=3)
     write_checkpoint(vit3.state_dict(), path, format="mae")
-    from pretrain import DataError
+    from training import DataError
 
     with pytest.raises(DataError, match="4 classes, but .* has a 3-class head"):
         evaluate_checkpoint(make_config("finetune", opts))

@@ -7,7 +7,7 @@ import torch
 
 from classification import ClassFolder, build_mixup, build_transform, check_same_classes, find_classes, make_config
 from classification.data import collate
-from pretrain import DataError
+from training import DataError
 
 
 def ft_config(**kw):

@@ -26,7 +26,7 @@ from mae_backbone import io as mio
 from mae_backbone.checkpoint import save_checkpoint
 from mae_backbone.io import CheckpointWriteError
 from mae_transfer.cli import main
-from pretrain.engine import TrainingDiverged
+from training import TrainingDiverged
 
 HARNESS = Path(__file__).parents[1] / "pretrain" / "fault_harness.py"
 _spec = importlib.util.spec_from_file_location("fault_harness", HARNESS)

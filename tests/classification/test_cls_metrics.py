@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from classification import AccuracyMeter, evaluate, topk_correct
-from pretrain.distributed import DistInfo
+from training.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -16,7 +16,7 @@ import torch
 from classification import make_config
 from classification.models import build_classifier, linear_probe_head
 from classification.optim import build_optimizer as cls_optimizer
-from pretrain.optim import absolute_lr, lr_at
+from training.schedule import absolute_lr, lr_at
 
 FT_COMMON = {  # FINETUNE.md (all sizes) / paper Table 9 (A.1)
     "weight_decay": 0.05, "smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25,

@@ -12,7 +12,7 @@ from classification.state import load_training_state
 from cls_helpers import TINY_VIT, tiny_run
 from mae_backbone import CheckpointError
 from mae_backbone.checkpoint import read_checkpoint
-from pretrain import DataError
+from training import DataError
 
 
 def weights(path):

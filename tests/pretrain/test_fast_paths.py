@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pretrain import create_mae
-from pretrain.optim import LowPrecisionWeights, build_optimizer, set_lr
+from pretrain.optim import LowPrecisionWeights, build_optimizer
+from training.schedule import set_lr
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)

@@ -11,7 +11,8 @@ from torch import nn
 
 from mae_backbone import create_vit, sincos_2d_pos_embed
 from pretrain import MAE_ARCHS, create_mae, load_mae
-from pretrain.optim import absolute_lr, build_optimizer, lr_at
+from pretrain.optim import build_optimizer
+from training.schedule import absolute_lr, lr_at
 
 BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
               "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",

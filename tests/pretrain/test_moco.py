@@ -21,7 +21,7 @@ from pretrain.moco import (
     create_moco,
     momentum_at,
 )
-from pretrain.engine import train_one_epoch
+from training.loop import train_one_epoch
 from pretrain.train import build_model, train
 
 TINY_MOCO = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, proj_hidden=64, dim=16, pred_hidden=64)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mae_transfer.cli import build_parser, main
-from pretrain.data import IMAGENET_MEAN
+from training.data import IMAGENET_MEAN
 from pretrain.config import PretrainConfig, config_from_args, make_config
 from pretrain.masking import mask_noise
 from pretrain.train import train

@@ -4,16 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.data import (
-    AUGMENTATIONS,
-    DataError,
-    EpochBatchSampler,
-    ImageFiles,
-    build_transform,
-    collate,
-    list_images,
-    sample_seed,
-)
+from pretrain.data import AUGMENTATIONS, ImageFiles, build_transform, collate
+from training.data import DataError, EpochBatchSampler, list_images, sample_seed
 
 
 def test_sources_class_folders_flat_folder_and_list_file(tmp_path, make_images):

@@ -329,7 +329,7 @@ def test_mistyped_flags_name_the_flag_and_suggest_the_closest(tmp_path, capsys):
 
 
 def test_a_log_line_cut_by_a_kill_does_not_break_the_next_runs_lines(tmp_path):
-    from pretrain.monitor import LOG_NAME, Monitor
+    from training.monitor import LOG_NAME, Monitor
 
     (tmp_path / LOG_NAME).write_text('{"type": "run", "start_epoch": 0}\n{"type": "step", "lo')
     monitor = Monitor(tmp_path, tensorboard=False, progress=False)

@@ -1,0 +1,44 @@
+"""training: the runtime every trainer shares (``pretrain`` and ``classification`` are built on it;
+it imports neither, nor any framework besides torch).
+
+- ``training.options``: a dataclass of options <-> command-line flags / YAML / JSON files;
+- ``training.distributed``: the ``torchrun`` process group and the few collectives a run needs;
+- ``training.precision``: ``--precision`` -> autocast dtype and grad scaler;
+- ``training.loop``: one epoch (accumulation, autocast, non-finite steps skipped) over a
+  ``StepRecipe``, the method's part of a step;
+- ``training.schedule``: the learning rate, a pure function of the optimizer step;
+- ``training.state``: resumable checkpoints (checksummed, atomic, never non-finite);
+- ``training.monitor``: progress bar, TensorBoard, ``log.jsonl``;
+- ``training.data``: image decoding, file lists, the reproducible epoch samplers.
+"""
+from training.data import DataError, EpochBatchSampler, EvalBatchSampler, list_images, load_rgb, mix_seed
+from training.distributed import DistInfo, init_distributed
+from training.loop import Counters, EpochStats, MicroBatch, StepRecipe, TrainingDiverged, train_one_epoch
+from training.monitor import Monitor
+from training.precision import amp_autocast, resolve_amp
+from training.schedule import absolute_lr, lr_at, set_lr
+from training.state import NonFiniteModelError
+
+__all__ = [
+    "Counters",
+    "DataError",
+    "DistInfo",
+    "EpochBatchSampler",
+    "EpochStats",
+    "EvalBatchSampler",
+    "MicroBatch",
+    "Monitor",
+    "NonFiniteModelError",
+    "StepRecipe",
+    "TrainingDiverged",
+    "absolute_lr",
+    "amp_autocast",
+    "init_distributed",
+    "list_images",
+    "load_rgb",
+    "lr_at",
+    "mix_seed",
+    "resolve_amp",
+    "set_lr",
+    "train_one_epoch",
+]
