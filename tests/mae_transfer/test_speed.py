@@ -1,0 +1,83 @@
+"""``mae_transfer.speed``: the speed benchmark is part of the installed package (``bench-speed`` runs
+from any folder), and its harness interleaves the sides of a comparison."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+import torch
+
+import mae_transfer.speed
+from mae_transfer.speed import PARTS
+from mae_transfer.speed.cli import PART_MODULES
+from mae_transfer.speed.harness import Case, interleave
+
+
+def _console_script() -> str:
+    return shutil.which("mae-transfer") or str(Path(sys.executable).parent / "mae-transfer")
+
+
+def _outside_checkout(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``mae-transfer bench-speed ARGS`` in an empty folder, with nothing from the checkout on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([_console_script(), "bench-speed", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bench_speed_help_works_from_an_empty_folder(tmp_path):
+    proc = _outside_checkout(tmp_path, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "source checkout" not in proc.stdout + proc.stderr
+    for flag in ("--parts", "--clock", "--rel-pos-impl", "--det-checkpointing", "--seg-batch"):
+        assert flag in proc.stdout
+    for part in PARTS:
+        assert part in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # writes nothing where it runs
+
+
+def test_bench_speed_measures_from_an_empty_folder(tmp_path):
+    """The peak and data parts at toy sizes: the part modules are imported from the package and print rows."""
+    proc = _outside_checkout(tmp_path, "--parts", "peak", "data", "--peak-size", "32", "--data-images", "2",
+                             "--steps", "1", "--img-size", "32", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("matmul peak fp32:") for line in lines)
+    assert any(line.startswith("matmul peak bf16:") for line in lines)
+    row = next(line for line in lines if line.startswith("data (500x375 JPEG) fp32 decode+au"))
+    assert "[s/round: " in row and "one process; a DataLoader runs one per worker" in row
+
+
+def test_every_part_ships_in_the_installed_package():
+    """A wheel carries what ``packages.find`` finds: the benchmark must be there, not in a checkout-only folder."""
+    from setuptools import find_namespace_packages
+
+    root = Path(__file__).resolve().parents[2]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert "mae_transfer.speed" in find_namespace_packages(where=str(root), include=config["include"])
+    package = Path(mae_transfer.speed.__file__).parent
+    for module in ["harness", "peak", "cli", "mask_tokens", *(m.rsplit(".", 1)[1] for m in PART_MODULES.values())]:
+        assert (package / f"{module}.py").is_file(), module
+
+
+def test_interleave_alternates_the_cases_and_counts_flops_once():
+    calls: list[str] = []
+    w = torch.randn(8, 8)
+
+    def step(name: str):
+        def go() -> torch.Tensor:
+            calls.append(name)
+            return w @ w
+        return go
+
+    ours, base = Case("ours", step("ours"), images=4), Case("base", step("base"), images=4)
+    interleave([ours, base], steps=3, warmup=2, device=torch.device("cpu"))
+    # warm-up per case (the first call counted by the FLOP counter), then rounds ours, base, ours, base ...
+    assert calls == ["ours", "ours", "base", "base"] + ["ours", "base"] * 3
+    assert ours.flops == base.flops == 2 * 8**3
+    assert len(ours.times) == len(base.times) == 3 and len(ours.peaks) == 3
+    assert ours.img_s == 4 / ours.seconds
