@@ -24,13 +24,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from training.options import canonical_keys, coerce_value, read_options_file
+from training.options import (
+    Options,
+    add_arguments as add_option_flags,
+    check_known_keys,
+    given_flags,
+    option,
+    read_options_file,
+)
 from training.precision import PRECISIONS
 
 PROTOCOLS = ("finetune", "linprobe")
@@ -60,16 +65,14 @@ def recipe_defaults(protocol: str, arch: str | None) -> dict[str, Any]:
 
 
 def _opt(help: str, finetune_only: bool = False, **kw: Any) -> Any:
-    default = kw.pop("default")
-    meta = dict(help=help, finetune_only=finetune_only, **kw)
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+    return option(help, finetune_only=finetune_only, **kw)
 
 
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(Options):
     """Every option of ``mae-transfer finetune`` / ``linprobe`` (field names are the flag names)."""
+
+    TEXT_OPTIONS = {"model_kwargs": "JSON", "tune_blocks": "K"}
 
     protocol: str = _opt("finetune (incl. partial) or linprobe; set by the sub-command", default="finetune",
                          choices=PROTOCOLS)
@@ -171,24 +174,13 @@ class ClassifyConfig:
             raise ValueError("output: give the run folder (--output DIR)")
         if self.eval and not (self.checkpoint or self.resume):
             raise ValueError("eval: give the model to evaluate with --checkpoint")
-        for name, f in _FIELDS.items():
-            choices = f.metadata.get("choices")
-            value = getattr(self, name)
-            if choices and value is not None and value not in choices:
-                close = difflib.get_close_matches(str(value), choices, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}{hint}")
+        self.check_choices()
         self.tune()  # raises on a bad tune_blocks
-        for name in ("img_size", "accum_iter", "eval_every", "save_every", "log_every", "max_nonfinite",
-                     "epochs", "batch_size", "recount"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        for name in ("warmup_epochs", "num_workers", "min_lr", "weight_decay", "drop_path", "smoothing", "mixup",
-                     "cutmix", "reprob", "blr", "lr"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must not be negative, got {value}")
+        self.check_ranges(
+            at_least_one=("img_size", "accum_iter", "eval_every", "save_every", "log_every", "max_nonfinite",
+                          "epochs", "batch_size", "recount"),
+            not_negative=("warmup_epochs", "num_workers", "min_lr", "weight_decay", "drop_path", "smoothing",
+                          "mixup", "cutmix", "reprob", "blr", "lr"))
         for name in ("mixup_prob", "mixup_switch_prob", "reprob", "smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -204,14 +196,9 @@ class ClassifyConfig:
         if bad:
             raise ValueError(f"model_kwargs: set {', '.join(bad)} with their own options (--img-size, --pool, "
                              "--drop-path), not inside model_kwargs")
-        known = _vit_options()
-        for key in self.model_kwargs:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"model_kwargs: {key!r} is not a ViT option{hint} (options: {', '.join(sorted(known))})")
+        check_known_keys("model_kwargs", self.model_kwargs, _vit_options(), "a ViT option")
         if self.protocol == "linprobe":
-            changed = [n for n, f in _FIELDS.items() if f.metadata["finetune_only"] and getattr(self, n) != _default(n)]
+            changed = self.changed(n for n, f in _FIELDS.items() if f.metadata["finetune_only"])
             if changed:
                 raise ValueError(f"{', '.join(changed)}: fine-tuning options; a linear probe does not use them")
         return self
@@ -223,11 +210,14 @@ class ClassifyConfig:
             values["model"] = arch
         return dataclasses.replace(self, **values)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @classmethod
+    def coerce(cls, name: str, value: Any) -> Any:
+        if name == "tune_blocks" and value is not None:
+            return str(value)  # 'all', 'mlp', 0.5 or K: parsed by parse_tune_blocks
+        return super().coerce(name, value)
 
 
-_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(ClassifyConfig)}
+_FIELDS: dict[str, dataclasses.Field] = ClassifyConfig.option_fields()
 
 
 def _vit_options() -> set[str]:
@@ -238,11 +228,6 @@ def _vit_options() -> set[str]:
 
     params = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self", "args", "kwargs"}
     return params - {"img_size", "num_classes", "global_pool", "drop_path_rate"}
-
-
-def _default(name: str) -> Any:
-    f = _FIELDS[name]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
 def parse_tune_blocks(value: str | int | float) -> str | int:
@@ -266,66 +251,40 @@ def fields_for(protocol: str) -> list[str]:
     return [n for n, f in _FIELDS.items() if n != "protocol" and (protocol == "finetune" or not f.metadata["finetune_only"])]
 
 
-def _normalize_keys(values: Mapping[str, Any], where: str, protocol: str) -> dict[str, Any]:
-    allowed = fields_for(protocol) + ["protocol"]
-    refused = {n: "a fine-tuning option; a linear probe does not use it" for n in _FIELDS if n not in allowed}
-    return canonical_keys(values, where, allowed, refused)
+def _refused(protocol: str) -> dict[str, str]:
+    allowed = fields_for(protocol)
+    return {n: "a fine-tuning option; a linear probe does not use it" for n in _FIELDS if n not in allowed + ["protocol"]}
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Values from JSON/YAML/strings into the field's type."""
-    if name == "tune_blocks" and value is not None:
-        return str(value)
-    return coerce_value(name, value, _FIELDS[name].metadata.get("type") or type(_default(name)))
+def _file_values(path: str | Path, protocol: str) -> dict[str, Any]:
+    values = read_options_file(path)
+    if values.get("protocol", protocol) != protocol:
+        raise ValueError(f"{path}: a {values['protocol']} config, used for {protocol}")
+    return values
 
 
 def load_config_file(path: str | Path, protocol: str) -> dict[str, Any]:
     """Options from a YAML (``.yaml``/``.yml``) or JSON file (e.g. a run's ``config.json``)."""
-    values = read_options_file(path)
-    if values.get("protocol", protocol) != protocol:
-        raise ValueError(f"{path}: a {values['protocol']} config, used for {protocol}")
-    values = _normalize_keys(values, str(path), protocol)
-    return {k: _coerce(k, v) for k, v in values.items()}
+    return ClassifyConfig.gather([(str(path), _file_values(path, protocol))], fields_for(protocol) + ["protocol"],
+                                 _refused(protocol))
 
 
 def make_config(protocol: str, values: Mapping[str, Any] | None = None,
                 config_file: str | Path | None = None) -> ClassifyConfig:
     """Defaults, then the file's values, then ``values`` (e.g. explicit flags); validated."""
-    merged: dict[str, Any] = {"protocol": protocol}
-    if config_file:
-        merged.update(load_config_file(config_file, protocol))
+    sources = [(str(config_file), _file_values(config_file, protocol))] if config_file else []
     if values:
-        given = _normalize_keys(values, "options", protocol)
-        merged.update({k: _coerce(k, v) for k, v in given.items()})
+        sources.append(("options", values))
+    merged = ClassifyConfig.gather(sources, fields_for(protocol) + ["protocol"], _refused(protocol))
     merged["protocol"] = protocol
     return ClassifyConfig(**merged).validate()
 
 
 def add_arguments(parser: argparse.ArgumentParser, protocol: str) -> None:
-    """One flag per option of ``protocol``; flags not given stay absent from the namespace
-    (SUPPRESS), so a config file's value is only overridden by a flag the user typed."""
-    parser.add_argument("--config", default=None, help="YAML or JSON file of options (keys are the flag names)")
-    for name in fields_for(protocol):
-        f = _FIELDS[name]
-        flag = "--" + name.replace("_", "-")
-        meta = f.metadata
-        default = _default(name)
-        if "default" in meta["help"] or "recipe" in meta["help"]:
-            help_text = meta["help"]  # says its own default
-        else:
-            help_text = f"{meta['help']} (default: {json.dumps(default) if isinstance(default, dict) else default})"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif name in ("model_kwargs", "tune_blocks"):
-            parser.add_argument(flag, default=argparse.SUPPRESS, metavar="JSON" if name == "model_kwargs" else "K",
-                                help=help_text)
-        else:
-            kind = meta.get("type") or type(default)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=meta.get("choices"),
-                                help=help_text)
+    """``--config`` and one flag per option of ``protocol`` (``training.options.add_arguments``)."""
+    add_option_flags(parser, ClassifyConfig, fields_for(protocol))
 
 
 def config_from_args(args: argparse.Namespace, protocol: str) -> ClassifyConfig:
     """The config of a parsed command line (see ``add_arguments``)."""
-    given = {k: v for k, v in vars(args).items() if k in _FIELDS and k != "protocol"}
-    return make_config(protocol, given, getattr(args, "config", None))
+    return make_config(protocol, given_flags(args, fields_for(protocol)), getattr(args, "config", None))
