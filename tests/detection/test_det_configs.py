@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 from detectron2.config import instantiate
+from detectron2.data import transforms as T
 from detectron2.modeling.backbone import FPN
 
 from detection import ConfigError, SimpleFeaturePyramid, ViTMultiScale, get_config_file, list_configs, load_config
-from detection.transforms import FixedSizeCrop
 
 from det_helpers import tiny_overrides
 
@@ -69,7 +69,7 @@ def test_recipes_match_the_reference(name):
     assert cfg.dataloader.train.total_batch_size == 64  # 184375 x 64 = 100 epochs of COCO train2017
     resize, crop = cfg.dataloader.train.mapper.augmentations[1:]
     assert (resize.min_scale, resize.max_scale, resize.target_height) == (0.1, 2.0, 1024)
-    assert crop._target_ is FixedSizeCrop and list(crop.crop_size) == [1024, 1024]
+    assert crop._target_ is T.FixedSizeCrop and list(crop.crop_size) == [1024, 1024]
     square = cfg.model.backbone.bottom_up.square_pad if "fpn" in name else cfg.model.backbone.square_pad
     assert square == 1024
     if "fpn" in name:

@@ -1,4 +1,4 @@
-"""Datasets by name, with errors naming the path and what was expected; shapely-free LSJ cropping."""
+"""Datasets by name, with errors naming the path and what was expected; LSJ cropping by Detectron2's FixedSizeCrop."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,6 @@ from detectron2.data import transforms as T
 from detection import DatasetError, check_dataset, register_coco_dataset
 from detection.config import ConfigError, load_config
 from detection.engine import check_config
-from detection.transforms import FixedSizeCrop, clip_polygon
 
 TINY_CONFIG = "tests/detection/configs/tiny_mask_rcnn_vitdet.py"
 
@@ -103,28 +102,14 @@ def test_class_count_mismatch_is_caught_before_training(tiny_coco, registered):
         check_config(load_config(TINY_CONFIG, ["model.roi_heads.num_classes=80"]))
 
 
-# --------------------------------------------------------------------------- LSJ crop without shapely
-def _area(p):
-    x, y = p[:, 0], p[:, 1]
-    return 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
-
-
-def test_clip_polygon_to_a_window():
-    square = np.array([[-5, -5], [5, -5], [5, 5], [-5, 5]], dtype=float)
-    assert _area(clip_polygon(square, 0, 0, 10, 10)) == pytest.approx(25.0)
-    assert len(clip_polygon(square + 100, 0, 0, 10, 10)) == 0
-    triangle = np.array([[0, 0], [8, 0], [4, 8]], dtype=float)
-    assert _area(clip_polygon(triangle, -1, -1, 20, 20)) == pytest.approx(32.0)
-    assert _area(clip_polygon(triangle, 0, 0, 8, 4)) == pytest.approx(24.0)  # the lower half of the triangle
-
-
-def test_lsj_crop_moves_polygons_into_the_crop_without_shapely():
+# --------------------------------------------------------------------------- LSJ crop (Detectron2's, polygons by shapely)
+def test_lsj_crop_moves_polygons_into_the_crop():
     np.random.seed(0)
     image = np.zeros((64, 120, 3), dtype=np.uint8)  # cropped in x only, at a random offset in [0, 56]
     ann = {"bbox": [40, 10, 80, 20], "bbox_mode": 1, "category_id": 0,
            "segmentation": [[40.0, 10.0, 120.0, 10.0, 120.0, 30.0, 40.0, 30.0]]}
     aug = T.AugInput(image)
-    transforms = T.AugmentationList([FixedSizeCrop(crop_size=(64, 64))])(aug)
+    transforms = T.AugmentationList([T.FixedSizeCrop(crop_size=(64, 64), pad=False)])(aug)
     assert aug.image.shape[:2] == (64, 64)
     out = utils.transform_instance_annotations(dict(ann), transforms, (64, 64))
     inst = utils.annotations_to_instances([out], (64, 64), mask_format="polygon")
@@ -133,13 +118,33 @@ def test_lsj_crop_moves_polygons_into_the_crop_without_shapely():
     assert inst.gt_masks.area().item() == pytest.approx(inside)
 
 
+def test_lsj_crop_cuts_a_concave_polygon_into_the_pieces_inside_the_window():
+    """A U whose base lies below the crop window: the crop keeps its two arms, as two polygons, and they
+    rasterize to the crop of the U's own mask."""
+    u_shape = [8, 10, 20, 10, 20, 100, 44, 100, 44, 10, 56, 10, 56, 110, 8, 110]  # x, y; arms 12 px wide
+    image = np.zeros((120, 64, 3), dtype=np.uint8)  # cropped in y only
+    np.random.seed(0)
+    aug = T.AugInput(image)
+    transforms = T.AugmentationList([T.FixedSizeCrop(crop_size=(64, 64), pad=False)])(aug)
+    crop = next(t for t in transforms.transforms if hasattr(t, "y0"))
+    assert 10 < crop.y0 and crop.y0 + 64 < 100  # the window cuts both arms above the base
+    ann = {"bbox": [8, 10, 48, 100], "bbox_mode": 1, "category_id": 0, "segmentation": [list(map(float, u_shape))]}
+    out = utils.transform_instance_annotations(dict(ann), transforms, (64, 64))
+    assert len(out["segmentation"]) == 2  # one polygon per arm
+    inst = utils.annotations_to_instances([out], (64, 64), mask_format="polygon")
+    assert inst.gt_masks.area().item() == pytest.approx(2 * 12 * 64)
+    got = utils.polygons_to_bitmask(out["segmentation"], 64, 64)
+    whole = utils.polygons_to_bitmask([np.array(u_shape, dtype=float)], 120, 64)
+    assert (got == whole[crop.y0:crop.y0 + 64]).all()
+
+
 def test_vitdet_lsj_does_not_pad_training_images():
     """ViTDet's LSJ: ``FixedSizeCrop((1024, 1024), pad=False)``; an image that ``ResizeScale`` made smaller
     than the crop stays smaller (Detectron2's default ``pad=True`` fills it to 1024 with grey)."""
     from detectron2.config import instantiate
 
     augs = instantiate(load_config("mask_rcnn_vitdet_b_100ep").dataloader.train.mapper.augmentations)
-    assert isinstance(augs[-1], FixedSizeCrop) and augs[-1].pad is False
+    assert type(augs[-1]) is T.FixedSizeCrop and augs[-1].pad is False
     image = np.full((480, 640, 3), 7, dtype=np.uint8)
     np.random.seed(0)
     shapes = []
@@ -154,5 +159,5 @@ def test_vitdet_lsj_does_not_pad_training_images():
     assert small.image.shape[:2] == (384, 512)
     assert not any(isinstance(t, T.PadTransform) for t in transforms.transforms)
     padded = T.AugInput(image)
-    T.AugmentationList([T.ResizeScale(0.5, 0.5, 1024, 1024), FixedSizeCrop(crop_size=(1024, 1024), pad=True)])(padded)
+    T.AugmentationList([T.ResizeScale(0.5, 0.5, 1024, 1024), T.FixedSizeCrop(crop_size=(1024, 1024), pad=True)])(padded)
     assert padded.image.shape[:2] == (1024, 1024) and (padded.image[400:, :] == 128).all()

@@ -15,7 +15,6 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from detection import list_configs, load_config
-from detection.transforms import FixedSizeCrop
 
 # ViTDet per size (REFERENCE.md "Detectron2 ViTDet"; ViTDet paper Sec. 4 / Table A.1):
 # architecture, patch, global blocks, drop path, layer decay, weight decay of norms, no-decay names
@@ -93,7 +92,7 @@ def test_lazyconfig_equals_the_vitdet_recipe(name):
     assert type(flip) is T.RandomFlip and flip.horizontal and not flip.vertical and flip.prob == 0.5
     assert type(resize) is T.ResizeScale
     assert (resize.min_scale, resize.max_scale, resize.target_height, resize.target_width) == (0.1, 2.0, 1024, 1024)
-    assert isinstance(crop, FixedSizeCrop) and tuple(crop.crop_size) == (1024, 1024) and crop.pad is False
+    assert type(crop) is T.FixedSizeCrop and tuple(crop.crop_size) == (1024, 1024) and crop.pad is False
     (test_resize,) = instantiate(cfg.dataloader.test.mapper.augmentations)
     assert type(test_resize) is T.ResizeShortestEdge
     assert (tuple(test_resize.short_edge_length), test_resize.max_size) == ((1024, 1024), 1024)

@@ -14,7 +14,6 @@ from detectron2.data import (
 from omegaconf import OmegaConf
 
 from detection.data import build_coco_evaluator
-from detection.transforms import FixedSizeCrop
 
 image_size = 1024  # the LSJ crop; the model's ViT img_size and square_pad match it
 
@@ -27,7 +26,7 @@ dataloader.train = L(build_detection_train_loader)(
         augmentations=[
             L(T.RandomFlip)(horizontal=True),
             L(T.ResizeScale)(min_scale=0.1, max_scale=2.0, target_height=image_size, target_width=image_size),
-            L(FixedSizeCrop)(crop_size=(image_size, image_size), pad=False),  # ViTDet: no padding; shapely-free
+            L(T.FixedSizeCrop)(crop_size=(image_size, image_size), pad=False),  # ViTDet: no padding
         ],
         image_format="RGB",
         use_instance_mask=True,

@@ -9,7 +9,6 @@ from detectron2.config import LazyConfig
 from detectron2.layers import ShapeSpec
 
 from detection.config import get_config_file
-from detection.transforms import FixedSizeCrop
 
 _base = LazyConfig.load(str(get_config_file("mask_rcnn_vitdet_b_100ep")))
 dataloader, lr_multiplier, model, optimizer, train = (
@@ -38,7 +37,7 @@ dataloader.train.num_workers = 0
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
     L(T.ResizeScale)(min_scale=0.8, max_scale=1.2, target_height=_size, target_width=_size),
-    L(FixedSizeCrop)(crop_size=(_size, _size), pad=False),  # as the recipe (ViTDet)
+    L(T.FixedSizeCrop)(crop_size=(_size, _size), pad=False),  # as the recipe (ViTDet)
 ]
 dataloader.test.dataset.names = "tiny_val"
 dataloader.test.num_workers = 0
