@@ -47,6 +47,8 @@ def call_params(target: Any) -> set[str] | None:
     if target is create_vit:
         params = init_params(VisionTransformer)
         return None if params is None else params | {"name"}
+    if inspect.isclass(target) and issubclass(target, tuple) and hasattr(target, "_fields"):
+        return set(target._fields)  # a namedtuple (Detectron2 0.6's ShapeSpec): its fields are its arguments
     if inspect.isclass(target):
         return init_params(target)
     try:
@@ -191,8 +193,17 @@ def is_lazy(cfg: Any) -> bool:
     return not isinstance(cfg, CfgNode)
 
 
+def is_lazy_yaml(path: str | Path) -> bool:
+    """Whether a ``.yaml`` file is a saved LazyConfig (top-level ``model:`` / ``train:`` / ``dataloader:``,
+    as ``LazyConfig.save`` and Detectron2's ``default_setup`` write) rather than yacs (``MODEL:`` ...)."""
+    path = Path(path)
+    return path.suffix in (".yaml", ".yml") and path.is_file() and any(
+        line.startswith(("model:", "train:", "dataloader:")) for line in path.read_text().splitlines())
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
-    """Load a LazyConfig ``.py`` or a yacs ``.yaml`` and apply ``key=value`` overrides.
+    """Load a LazyConfig (``.py``, or the ``.yaml`` ``LazyConfig.save`` writes) or a yacs ``.yaml``
+    and apply ``key=value`` overrides.
 
     LazyConfig keys are dotted paths (``train.max_iter=100``, ``model.backbone.pretrained=x.pth``);
     yacs keys are upper case (``SOLVER.MAX_ITER=100``). A key the config lacks is an error.
@@ -201,7 +212,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {', '.join(bad)}")
-    if path.suffix == ".py":
+    if path.suffix == ".py" or is_lazy_yaml(path):
         cfg = LazyConfig.load(str(path))
         check_lazy_config(cfg, str(path))
         for item in overrides:  # LazyConfig.apply_overrides creates unknown keys; refuse typos instead

@@ -1,6 +1,6 @@
 """``mae-transfer bench``: named backbones through identical transfer recipes -> one table.
 
-Every (backbone, task, seed) cell is one call of ``mae_transfer.demo.run_task``, the function the
+Every (backbone, task, seed) cell is one call of ``mae_transfer.runners.run_task``, the function the
 demo uses, with the same data, schedule and seed for every backbone; only the checkpoint and its
 layer decay differ. Cells that fail are shown with their error and the others still run; Ctrl-C
 writes the table of what finished. Outputs in the output folder:
@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mae_transfer.demo import TASK_METRICS, TASKS, Arch, Backbone, DataPaths, Recipe, TaskResult, checkpoint_arch, run_task
+from mae_transfer import runners
+from mae_transfer.runners import TASK_METRICS, TASKS, Arch, Backbone, DataPaths, Recipe, TaskResult, checkpoint_arch
 from mae_transfer.reference import METHODS, lookup
 
 BASELINES = ("mae", "mocov3", "supervised")  # what ``--pretrain`` can produce (pretrain.baselines)
@@ -216,8 +217,10 @@ def resolve_arch(backbones: Sequence[Backbone], default: Arch) -> Arch:
 
 
 def run_bench(plan: BenchPlan, out: str | Path, log: Callable[[str], None] = print,
-              runner: Callable[..., TaskResult] = run_task) -> BenchResult:
-    """Run every cell of ``plan`` and write the table; ``runner`` is ``run_task`` (replaceable in tests)."""
+              runner: Callable[..., TaskResult] | None = None) -> BenchResult:
+    """Run every cell of ``plan`` and write the table; ``runner`` defaults to ``runners.run_task``, the
+    demo's task runner (replaceable in tests)."""
+    runner = runner or runners.run_task
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     for task in plan.tasks:

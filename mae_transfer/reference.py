@@ -38,7 +38,7 @@ RECIPES: dict[str, str] = {
     "vitdet-ablation": "ViTDet pre-training ablation: another setting than the main results (MAE B 51.2 there, "
                        "51.6 in the main recipe); random init with a longer schedule",
 }
-# the recipe each bench task runs with ``Recipe.paper`` (mae_transfer.demo): the default of ``lookup``
+# the recipe each bench task runs with ``Recipe.paper`` (mae_transfer.runners): the default of ``lookup``
 TASK_RECIPES: dict[str, str] = {
     "finetune": "mae-finetune",
     "linprobe": "mae-linprobe",

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_arch,
         run_bench,
     )
-    from mae_transfer.demo import TASKS, DataPaths, Recipe
+    from mae_transfer.runners import TASKS, DataPaths, Recipe
 
     def fail(msg: str) -> int:
         print(f"mae-transfer bench: error: {msg}", file=sys.stderr)

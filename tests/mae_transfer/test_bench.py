@@ -10,7 +10,7 @@ import pytest
 
 from mae_transfer.bench import BenchPlan, Cell, parse_backbone, run_bench, summarize, write_table
 from mae_transfer.cli import main as cli
-from mae_transfer.demo import Arch, Backbone, DataPaths, Recipe, TaskResult
+from mae_transfer.runners import Arch, Backbone, DataPaths, Recipe, TaskResult
 from mae_transfer.reference import lookup
 from mae_transfer.sample_data import SampleSizes, write_sample_data
 

@@ -6,15 +6,9 @@ import re
 
 import pytest
 
-from mae_transfer.demo import (
-    STAGES,
-    Arch,
-    DemoContext,
-    DemoPlan,
-    checkpoint_arch,
-    plot_curves,
-    run_demo,
-)
+from mae_transfer.demo import STAGES, DemoContext, DemoPlan, run_demo
+from mae_transfer.demo.figures import plot_curves
+from mae_transfer.runners import Arch, checkpoint_arch
 
 
 def _record(task, mae, random):
@@ -94,7 +88,7 @@ def test_demo_stages_and_quick_plan():
 def _bb(path=None):
     from pathlib import Path
 
-    from mae_transfer.demo import Backbone
+    from mae_transfer.runners import Backbone
 
     return Backbone("b", Path(path) if path else None)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from mae_transfer.bench import Cell, parse_backbone, summarize
-from mae_transfer.demo import Arch, Backbone, Recipe
+from mae_transfer.runners import Arch, Backbone, Recipe
 from mae_transfer.reference import RECIPES, REFERENCE, TASK_RECIPES, lookup
 
 VIT_B = Arch.make("vit_base_patch16")
