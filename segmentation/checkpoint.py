@@ -32,12 +32,40 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint
 from torch import nn
 
-from mae_backbone import CheckpointError
+from mae_backbone import CheckpointError, VisionTransformer
 from mae_backbone.checkpoint import LoadReport, fit_model_state
+from mae_backbone.formats import READERS, detect_format
 
 # Segmentor keys a file may lack without error (torch fills them in)
 SEGMENTOR_IGNORED = ("*num_batches_tracked",)
 REVISE_KEYS = ((r"^module\.", ""),)  # a DDP-wrapped model's names, as MMEngine strips them
+
+
+def from_mmseg_backbone(sd: dict[str, torch.Tensor], model: nn.Module, source: str
+                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A segmentor trained with MMSeg's own ViT backbone, in our segmentor's names.
+
+    MMSeg's ``MAE`` / ``BEiT`` / ``VisionTransformer`` backbones store ``backbone.layers.N...``;
+    our ``MAEViT`` holds the ViT as ``backbone.vit.<our layout>``. When the model has the latter and
+    the file the former, the file's ``backbone.*`` tensors go through ``mae_backbone``'s MMSeg
+    reader (every key mapped or an error; what it drops is noted); neck and heads keep their names.
+
+    Returns:
+        (the state dict, notes for the report); unchanged when the layouts already agree.
+    """
+    has_ours = any(name == "backbone.vit" and isinstance(m, VisionTransformer) for name, m in model.named_modules())
+    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    fmt = detect_format(backbone) if backbone else None
+    if not has_ours or any(k.startswith("vit.") for k in backbone) or fmt not in ("mmseg", "mmseg-mae"):
+        return sd, []
+    notes: list[str] = []
+    try:
+        vit = READERS[fmt](backbone, notes)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: backbone.*: {exc}") from None
+    out = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+    out.update({"backbone.vit." + k: v for k, v in vit.items()})
+    return out, [f"backbone.* read from MMSeg's {fmt!r} layout"] + notes
 
 
 def load_segmentor_state(
@@ -65,8 +93,10 @@ def load_segmentor_state(
         raise CheckpointError(f"{source}: not a segmentor checkpoint (no state_dict of tensors)")
     for pattern, repl in revise_keys:
         sd = {re.sub(pattern, repl, k): v for k, v in sd.items()}
+    sd, notes = from_mmseg_backbone(sd, model, source)
     fitted, report = fit_model_state(model, sd, source, format="segmentor", ignored=SEGMENTOR_IGNORED,
                                      resample=resample, hint="Is it a checkpoint of this config?")
+    report.notes += notes
     result = model.load_state_dict(fitted, strict=False)
     left = [k for k in result.missing_keys if not any(fnmatch.fnmatchcase(k, p) for p in SEGMENTOR_IGNORED)]
     if left or result.unexpected_keys:

@@ -154,3 +154,42 @@ def test_infer_loads_strictly_and_verifies_the_checksum(tiny_config, ade_root, t
     torch.save(obj, tmp_path / "changed.pth")
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         infer(load_config(tiny_config), str(tmp_path / "changed.pth"), image, str(tmp_path / "c.png"), device="cpu")
+
+
+# --------------------------------------------------------------------------- a segmentor MMSeg trained
+def test_a_segmentor_trained_with_mmsegs_own_mae_backbone_evaluates_the_same(tiny_config, tmp_path, capsys):
+    """The same UperNet with MMSeg's ``MAE`` backbone (``backbone.layers.N...``, ``gamma_1/2``,
+    tables and their index), random weights: its file loads into our segmentor (the backbone
+    through the MMSeg reader, neck and heads by name), which then computes the same logits; and
+    ``segment test`` takes it."""
+    import copy
+    import math
+
+    cfg = load_config(tiny_config, [])
+    init_default_scope("mmseg")
+    theirs_cfg = copy.deepcopy(cfg.model)
+    theirs_cfg.backbone = dict(type="MAE", img_size=64, patch_size=16, embed_dims=TINY_VIT["embed_dim"],
+                               num_layers=TINY_VIT["depth"], num_heads=TINY_VIT["num_heads"], mlp_ratio=4,
+                               out_indices=[0, 1, 2, 3], drop_path_rate=0.0, init_values=1.0, final_norm=False,
+                               norm_cfg=dict(type="LN", eps=1e-6))
+    theirs = MODELS.build(theirs_cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(0.5 + torch.rand(p.shape, generator=g) if "gamma" in name else
+                    0.1 * r if p.ndim == 1 or "table" in name or name.endswith(("pos_embed", "cls_token")) else
+                    r / math.sqrt(p[0].numel()))
+    path = save(state(theirs), tmp_path / "mmseg_trained.pth")
+    ours = build(tiny_config).eval()
+    report = load_segmentor_state(ours, torch.load(path, weights_only=True), str(path))
+    assert any("mmseg-mae" in n for n in report.notes) and not report.resampled
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = theirs.encode_decode(x, [dict(img_shape=(64, 64))] * 2), ours.encode_decode(
+            x, [dict(img_shape=(64, 64))] * 2)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # through the command a user runs
+    rc = main(["segment", "test", str(tiny_config), str(path), "--work-dir", str(tmp_path / "work")])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "mIoU" in out + err, err[-2000:]
