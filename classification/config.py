@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from training.options import (
-    Options,
+    RunOptions,
     add_arguments as add_option_flags,
     check_known_keys,
     given_flags,
     option,
     read_options_file,
 )
-from training.precision import PRECISIONS
 
 PROTOCOLS = ("finetune", "linprobe")
 POOLS = ("avg", "cls")
@@ -69,7 +68,7 @@ def _opt(help: str, finetune_only: bool = False, **kw: Any) -> Any:
 
 
 @dataclass
-class ClassifyConfig(Options):
+class ClassifyConfig(RunOptions):
     """Every option of ``mae-transfer finetune`` / ``linprobe`` (field names are the flag names)."""
 
     TEXT_OPTIONS = {"model_kwargs": "JSON", "tune_blocks": "K"}
@@ -126,23 +125,13 @@ class ClassifyConfig(Options):
     crop_pct: float = _opt("evaluation: resize to img_size / crop_pct, center crop", default=0.875)
     ema_decay: float = _opt("keep an EMA of the weights with this decay, also evaluated (e.g. 0.9999)",
                             default=None, type=float)
-    precision: str = _opt("auto = bf16 on a GPU that has it, else fp32; fp16 uses a grad scaler",
-                          default="auto", choices=PRECISIONS)
     seed: int = _opt("seed of the head init, data order, augmentations, mixup and drop path", default=0)
-    # runtime
-    num_workers: int = _opt("data-loading processes per training process", default=8)
-    device: str = _opt("auto, cpu, cuda", default="auto", choices=("auto", "cpu", "cuda"))
-    dist_backend: str = _opt("torch.distributed backend: auto = nccl with CUDA, else gloo", default="auto")
-    # checkpoints, evaluation and feedback
+    # checkpoints, evaluation and feedback (precision, device, workers, tensorboard ...: RunOptions)
     eval: bool = _opt("only evaluate --checkpoint on the validation folder", default=False)
     eval_every: int = _opt("evaluate every N epochs (and at the end)", default=1)
     save_every: int = _opt("write checkpoint.pth every N epochs (and at the end)", default=1)
     log_every: int = _opt("log the loss every N optimizer steps", default=20)
-    tensorboard: bool = _opt("write TensorBoard scalars", default=True)
-    progress: bool = _opt("show a progress bar", default=True)
     resume: str = _opt("training checkpoint to resume from", default=None, type=str)
-    auto_resume: bool = _opt("resume from OUTPUT/checkpoint.pth when it exists", default=True)
-    max_nonfinite: int = _opt("stop after this many optimizer steps in a row with a non-finite loss", default=10)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -198,7 +187,7 @@ class ClassifyConfig(Options):
                              "--drop-path), not inside model_kwargs")
         check_known_keys("model_kwargs", self.model_kwargs, _vit_options(), "a ViT option")
         if self.protocol == "linprobe":
-            changed = self.changed(n for n, f in _FIELDS.items() if f.metadata["finetune_only"])
+            changed = self.changed(n for n, f in _FIELDS.items() if f.metadata.get("finetune_only"))
             if changed:
                 raise ValueError(f"{', '.join(changed)}: fine-tuning options; a linear probe does not use them")
         return self
@@ -248,7 +237,7 @@ def parse_tune_blocks(value: str | int | float) -> str | int:
 
 def fields_for(protocol: str) -> list[str]:
     """The option names a protocol accepts (``protocol`` itself is set by the sub-command)."""
-    return [n for n, f in _FIELDS.items() if n != "protocol" and (protocol == "finetune" or not f.metadata["finetune_only"])]
+    return [n for n, f in _FIELDS.items() if n != "protocol" and (protocol == "finetune" or not f.metadata.get("finetune_only"))]
 
 
 def _refused(protocol: str) -> dict[str, str]:

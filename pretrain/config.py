@@ -17,8 +17,7 @@ from typing import Any, Mapping
 from pretrain.data import AUGMENTATIONS
 from pretrain.masking import MASKINGS
 from pretrain.model import MAE_ARCHS, TARGETS
-from training.options import Options, add_arguments as add_option_flags, check_known_keys, given_flags, option
-from training.precision import PRECISIONS
+from training.options import RunOptions, add_arguments as add_option_flags, check_known_keys, given_flags, option
 
 # what ``--method`` pretrains: MAE, or a controlled baseline (pretrain.moco / pretrain.supervised)
 METHODS = ("mae", "mocov3", "supervised")
@@ -35,7 +34,7 @@ _MANAGED_ENCODER_ARGS = {"img_size": "img_size", "grad_checkpointing": "grad_che
 
 
 @dataclass
-class PretrainConfig(Options):
+class PretrainConfig(RunOptions):
     """Every option of ``mae-transfer pretrain`` (the field names are the flag names)."""
 
     TEXT_OPTIONS = {"model_kwargs": "JSON"}
@@ -75,23 +74,13 @@ class PretrainConfig(Options):
     min_lr: float = option("final learning rate of the cosine schedule", default=0.0)
     weight_decay: float = option("AdamW weight decay (not on norms, biases, tokens, pos-embeds)", default=0.05)
     clip_grad: float = option("clip the gradient norm to this value", default=None, type=float)
-    precision: str = option("auto = bf16 on a GPU that has it, else fp32; fp16 uses a grad scaler",
-                          default="auto", choices=PRECISIONS)
     seed: int = option("seed of the data order, augmentations, masks and initialization", default=0)
-    # runtime
-    num_workers: int = option("data-loading processes per training process", default=8)
-    device: str = option("auto, cpu, cuda", default="auto")
-    dist_backend: str = option("torch.distributed backend: auto = nccl with CUDA, else gloo", default="auto")
-    # checkpoints and feedback
+    # checkpoints and feedback (precision, device, workers, tensorboard, progress, auto_resume, max_nonfinite: RunOptions)
     save_every: int = option("write the checkpoint every N epochs (and at the end)", default=20)
     vis_every: int = option("write a reconstruction grid PNG every N epochs (0: never)", default=20)
     vis_images: int = option("images in the reconstruction grid", default=4)
     log_every: int = option("log the loss every N optimizer steps (JSON lines, TensorBoard)", default=20)
-    tensorboard: bool = option("write TensorBoard scalars", default=True)
-    progress: bool = option("show a progress bar", default=True)
     resume: str = option("checkpoint to resume from", default=None, type=str)
-    auto_resume: bool = option("resume from OUTPUT/checkpoint.pth when it exists", default=True)
-    max_nonfinite: int = option("stop after this many optimizer steps in a row with a non-finite loss", default=10)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> "PretrainConfig":
@@ -117,8 +106,6 @@ class PretrainConfig(Options):
             if key in _MANAGED_ENCODER_ARGS:
                 raise ValueError(f"model_kwargs: set {key!r} with its own option ({_MANAGED_ENCODER_ARGS[key]})")
         check_known_keys("model_kwargs", self.model_kwargs, ENCODER_ARGS, "an encoder option")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("moco_temperature", "moco_proj_hidden", "moco_dim", "moco_pred_hidden"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -18,17 +18,13 @@ The encoder's metadata names the ``method``.
 """
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-from mae_backbone import atomic_write
 from pretrain.config import PretrainConfig
 from pretrain.data import ImageFiles, build_transform, collate
 from pretrain.engine import StepSetup
@@ -44,17 +40,17 @@ from pretrain.state import (
     restore_training_state,
     save_training_state,
 )
-from training.data import DataError, EpochBatchSampler, list_images, load_rgb, mix_seed
-from training.distributed import all_reduce_sum, barrier, cleanup, init_distributed
-from training.loop import Counters, train_one_epoch
-from training.monitor import Monitor
+from training.data import list_images, load_rgb, mix_seed
+from training.distributed import all_reduce_sum
+from training.loop import Counters, EpochStats
 from training.precision import AMP_DTYPES, resolve_precision
+from training.run import RunParts, Trainer, data_loader, effective_batch, epoch_sampler
+from training.run import RunResult as BaseRunResult
+from training.run import run
 from training.schedule import absolute_lr, lr_at
-from training.state import check_finite_weights, seed_epoch_rngs, warn_config_changes
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
 VIS_DIR = "vis"
 # options that may change between a run and its resumption without a warning
 _RESUMABLE_CHANGES = {"resume", "auto_resume", "epochs", "num_workers", "progress", "tensorboard", "log_every",
@@ -63,16 +59,10 @@ _RESUMABLE_CHANGES = {"resume", "auto_resume", "epochs", "num_workers", "progres
 
 
 @dataclass
-class RunResult:
-    """What ``train`` did."""
+class RunResult(BaseRunResult):
+    """What ``train`` did (``history``: the epoch records of this call)."""
 
-    output: Path
-    epochs_done: int
-    steps: int
-    history: list[dict[str, Any]] = field(default_factory=list)  # epoch records of this call
-    checkpoint: Path | None = None
     encoder: Path | None = None
-    resumed_from: Path | None = None
 
 
 def build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT | MoCoV3:
@@ -135,6 +125,99 @@ def _encoder_meta(cfg: PretrainConfig) -> dict[str, Any]:
     return meta
 
 
+class PretrainTrainer(Trainer):
+    """The MAE's (or MoCo v3's) part of the shared run skeleton (``training.run``)."""
+
+    resumable_changes = _RESUMABLE_CHANGES
+
+    def __init__(self, cfg: PretrainConfig, model: MaskedAutoencoderViT | MoCoV3 | None = None):
+        super().__init__(cfg)
+        self.prebuilt = model
+        self.moco = cfg.method == "mocov3"
+        self.lr = 0.0
+        self.vis_imgs: torch.Tensor | None = None
+
+    def load_state(self, path: Path) -> dict[str, Any]:
+        return load_training_state(path)
+
+    def build(self, state: Mapping[str, Any] | None) -> RunParts:
+        cfg, info = self.cfg, self.info
+        assert info is not None
+        files = list_images(cfg.data)
+        transform = build_moco_transform(cfg.img_size) if self.moco else build_transform(cfg.aug, cfg.img_size)
+        dataset = ImageFiles(files, transform)
+        dataset.first_readable()  # raises DataError before anything else when nothing decodes
+
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        model = self.prebuilt if self.prebuilt is not None else build_model(cfg)
+        if not self.moco:
+            check_masking(cfg.masking, cfg.mask_ratio, model.grid_size)
+        model.to(info.device)
+
+        sampler = epoch_sampler(len(dataset), cfg.data, cfg, info)
+        steps_per_epoch = sampler.steps_per_epoch
+        lr = self.lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, effective_batch(cfg, info))
+        optimizer = (build_moco_optimizer(model, lr, cfg.weight_decay) if self.moco  # type: ignore[arg-type]
+                     else build_optimizer(model, lr, cfg.weight_decay))
+        precision = resolve_precision(cfg.precision, info.device)
+        amp_dtype = AMP_DTYPES[precision]
+        scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+        if info.is_main and cfg.vis_every and not self.moco:
+            self.vis_imgs = _vis_batch(files, cfg.img_size, cfg.vis_images)
+
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup_steps = cfg.warmup_epochs * steps_per_epoch
+        limits = dict(lr_at=lambda step: lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps),
+                      accum_iter=cfg.accum_iter, amp_dtype=amp_dtype, clip_grad=cfg.clip_grad,
+                      max_nonfinite=cfg.max_nonfinite, log_every=cfg.log_every, epochs=cfg.epochs)
+        recipe: StepSetup | MocoStepSetup
+        if self.moco:
+            recipe = MocoStepSetup(momentum=cfg.moco_momentum, total_steps=total_steps, **limits)
+        else:
+            recipe = StepSetup(mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, **limits)
+        loader = data_loader(dataset, sampler, collate, cfg, info)
+        record = {"method": cfg.method, "lr": lr, "images": len(dataset), "precision": precision}
+        return RunParts(model, optimizer, scaler, sampler, loader, recipe, record)
+
+    def restore(self, state: Mapping[str, Any], parts: RunParts, source: str) -> int:
+        epochs_done, _, _ = restore_training_state(state, parts.model, parts.optimizer, parts.scaler, source)
+        return epochs_done
+
+    def new_result(self, output: Path, epochs_done: int, steps: int, resumed_from: Path | None) -> RunResult:
+        return RunResult(output=output, epochs_done=epochs_done, steps=steps, resumed_from=resumed_from)
+
+    def epoch_record(self, epoch: int, stats: EpochStats, counters: Counters, parts: RunParts) -> dict[str, Any]:
+        assert self.info is not None and self.monitor is not None
+        skipped, images = (int(v) for v in all_reduce_sum([stats.skipped_images, stats.images], self.info))
+        counters.skipped_images += skipped
+        record = {
+            "type": "epoch", "epoch": epoch, "step": counters.step, "loss": stats.mean_loss,
+            "lr": parts.recipe.lr_at(counters.step - 1), "img_per_s": images / max(stats.seconds, 1e-9),  # type: ignore[attr-defined]
+            "seconds": stats.seconds, "images": images, "skipped_images": skipped,
+            "skipped_files": stats.failures, "nonfinite_steps": stats.nonfinite_steps,
+            "empty_steps": stats.empty_steps,
+        }
+        self.monitor.scalars(epoch, "epoch", {k: record[k] for k in ("loss", "img_per_s", "skipped_images",
+                                                                     "nonfinite_steps")})
+        if skipped:
+            logger.warning("epoch %d: skipped %d unreadable images", epoch, skipped)
+        return record
+
+    def save(self, path: Path, epoch: int, counters: Counters, parts: RunParts) -> None:
+        save_training_state(path, parts.model, parts.optimizer, parts.scaler, epoch, counters.step,
+                            counters.as_dict(), self.cfg.to_dict())
+
+    def after_epoch(self, record: dict[str, Any], parts: RunParts, result: BaseRunResult) -> None:
+        cfg, done = self.cfg, record["epoch"]
+        if self.vis_imgs is not None and (done % cfg.vis_every == 0 or done == cfg.epochs):
+            _save_grid(parts.model, self.vis_imgs.to(self.info.device), cfg, done,  # type: ignore[arg-type, union-attr]
+                       Path(cfg.output) / VIS_DIR / f"epoch_{done:04d}.png")
+
+    def finish(self, result: BaseRunResult, parts: RunParts) -> None:
+        meta = {"epochs": result.epochs_done, **_encoder_meta(self.cfg)}
+        result.encoder = export_encoder(parts.model, Path(self.cfg.output) / ENCODER_NAME, meta)  # type: ignore[attr-defined]
+
+
 def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | MoCoV3 | None = None) -> RunResult:
     """Pretrain as ``cfg`` says (MAE, or the ``method``'s baseline), resuming from a checkpoint
     when there is one.
@@ -156,128 +239,4 @@ def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | MoCoV3 | None = Non
         from pretrain.supervised import train_supervised
 
         return train_supervised(cfg)
-    moco = cfg.method == "mocov3"
-    info = init_distributed(cfg.device, cfg.dist_backend)
-    monitor = Monitor(Path(cfg.output), enabled=False)
-    try:
-        out = Path(cfg.output)
-        files = list_images(cfg.data)
-        transform = build_moco_transform(cfg.img_size) if moco else build_transform(cfg.aug, cfg.img_size)
-        dataset = ImageFiles(files, transform)
-        dataset.first_readable()  # raises DataError before anything else when nothing decodes
-
-        torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        model = model if model is not None else build_model(cfg)
-        if not moco:
-            check_masking(cfg.masking, cfg.mask_ratio, model.grid_size)
-        model.to(info.device)
-
-        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, info.rank, info.world_size, cfg.accum_iter)
-        effective_batch = cfg.batch_size * cfg.accum_iter * info.world_size
-        if sampler.steps_per_epoch == 0:
-            raise DataError(f"{cfg.data}: {len(dataset)} images, fewer than one optimizer step needs "
-                            f"({effective_batch} = batch {cfg.batch_size} x accum {cfg.accum_iter} x "
-                            f"{info.world_size} processes)")
-        steps_per_epoch = sampler.steps_per_epoch
-        lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, effective_batch)
-        optimizer = (build_moco_optimizer(model, lr, cfg.weight_decay) if moco  # type: ignore[arg-type]
-                     else build_optimizer(model, lr, cfg.weight_decay))
-        precision = resolve_precision(cfg.precision, info.device)
-        amp_dtype = AMP_DTYPES[precision]
-        scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
-
-        counters = Counters()
-        start_epoch = 0
-        ckpt_path = out / CHECKPOINT_NAME
-        resume = Path(cfg.resume) if cfg.resume else (ckpt_path if cfg.auto_resume and ckpt_path.exists() else None)
-        if resume is not None:
-            state = load_training_state(resume)
-            warn_config_changes(state.get("config", {}), cfg.to_dict(), resume, _RESUMABLE_CHANGES)
-            start_epoch, step, saved = restore_training_state(state, model, optimizer, scaler, str(resume))
-            counters = Counters(**{k: int(v) for k, v in saved.items() if k in Counters().as_dict()})
-            counters.step = step
-            del state
-            logger.info("resumed from %s: %d epochs, %d steps done", resume, start_epoch, step)
-
-        monitor = Monitor(out, enabled=info.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-            atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-            monitor.log({"type": "run", "method": cfg.method, "resumed_from": str(resume) if resume else None,
-                         "start_epoch": start_epoch,
-                         "world_size": info.world_size, "effective_batch": effective_batch, "lr": lr,
-                         "images": len(dataset), "steps_per_epoch": steps_per_epoch,
-                         "precision": precision, "device": str(info.device)})
-        show = info.is_main and cfg.vis_every and not moco
-        vis_imgs = _vis_batch(files, cfg.img_size, cfg.vis_images) if show else None
-
-        if info.distributed:
-            ddp_model: torch.nn.Module = DistributedDataParallel(
-                model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-        else:
-            ddp_model = model
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
-                            pin_memory=info.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
-        total_steps = cfg.epochs * steps_per_epoch
-        warmup_steps = cfg.warmup_epochs * steps_per_epoch
-        setup: StepSetup | MocoStepSetup
-        if moco:
-            setup = MocoStepSetup(
-                lr_at=lambda step: lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps),
-                momentum=cfg.moco_momentum, total_steps=total_steps, accum_iter=cfg.accum_iter, amp_dtype=amp_dtype,
-                clip_grad=cfg.clip_grad, max_nonfinite=cfg.max_nonfinite, log_every=cfg.log_every, epochs=cfg.epochs,
-            )
-        else:
-            setup = StepSetup(
-                mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, accum_iter=cfg.accum_iter,
-                lr_at=lambda step: lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps),
-                amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, max_nonfinite=cfg.max_nonfinite,
-                log_every=cfg.log_every, epochs=cfg.epochs,
-            )
-        result = RunResult(output=out, epochs_done=start_epoch, steps=counters.step,
-                           resumed_from=resume)
-        seen_failures: set[str] = set()
-        for epoch in range(start_epoch, cfg.epochs):
-            seed_epoch_rngs(cfg.seed, epoch, info.rank)
-            sampler.set_epoch(epoch)
-            stats = train_one_epoch(ddp_model, loader, steps_per_epoch, optimizer, scaler, setup, counters, epoch,
-                                    info, monitor, seen_failures)
-            skipped, images = (int(v) for v in all_reduce_sum([stats.skipped_images, stats.images], info))
-            counters.skipped_images += skipped
-            done = epoch + 1
-            record = {
-                "type": "epoch", "epoch": done, "step": counters.step, "loss": stats.mean_loss,
-                "lr": setup.lr_at(counters.step - 1), "img_per_s": images / max(stats.seconds, 1e-9),
-                "seconds": stats.seconds, "images": images, "skipped_images": skipped,
-                "skipped_files": stats.failures, "nonfinite_steps": stats.nonfinite_steps,
-                "empty_steps": stats.empty_steps,
-            }
-            monitor.log(record)
-            monitor.scalars(done, "epoch", {k: record[k] for k in ("loss", "img_per_s", "skipped_images",
-                                                                   "nonfinite_steps")})
-            result.history.append(record)
-            if skipped:
-                logger.warning("epoch %d: skipped %d unreadable images", done, skipped)
-            if done % cfg.save_every == 0 or done == cfg.epochs:
-                check_finite_weights(model, done, ckpt_path)
-                if info.is_main:
-                    save_training_state(ckpt_path, model, optimizer, scaler, done, counters.step,
-                                        counters.as_dict(), cfg.to_dict())
-                    result.checkpoint = ckpt_path
-                barrier(info)
-            if vis_imgs is not None and (done % cfg.vis_every == 0 or done == cfg.epochs):
-                _save_grid(model, vis_imgs.to(info.device), cfg, done,  # type: ignore[arg-type]
-                           out / VIS_DIR / f"epoch_{done:04d}.png")
-            result.epochs_done, result.steps = done, counters.step
-
-        if info.is_main:
-            meta = {"epochs": result.epochs_done, **_encoder_meta(cfg)}
-            result.encoder = export_encoder(model, out / ENCODER_NAME, meta)
-            if result.checkpoint is None and ckpt_path.exists():
-                result.checkpoint = ckpt_path
-        barrier(info)
-        return result
-    finally:
-        monitor.close()
-        cleanup()
+    return run(PretrainTrainer(cfg, model))  # type: ignore[return-value]

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
+from training.precision import PRECISIONS
+
 
 def option(help: str, *, default: Any, **meta: Any) -> Any:
     """A dataclass field of an options class: its flag's ``help``, its ``default`` (a dict or
@@ -203,13 +205,34 @@ class Options:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
+@dataclasses.dataclass
+class RunOptions(Options):
+    """The options of the run itself, the same for every trainer (``training.run`` reads them);
+    a trainer's options dataclass derives from this one and adds its own."""
+
+    precision: str = option("auto = bf16 on a GPU that has it, else fp32; fp16 uses a grad scaler",
+                            default="auto", choices=PRECISIONS)
+    num_workers: int = option("data-loading processes per training process", default=8)
+    device: str = option("auto, cpu, cuda", default="auto", choices=("auto", "cpu", "cuda"))
+    dist_backend: str = option("torch.distributed backend: auto = nccl with CUDA, else gloo", default="auto")
+    tensorboard: bool = option("write TensorBoard scalars", default=True)
+    progress: bool = option("show a progress bar", default=True)
+    auto_resume: bool = option("resume from OUTPUT/checkpoint.pth when it exists", default=True)
+    max_nonfinite: int = option("stop after this many optimizer steps in a row with a non-finite loss", default=10)
+
+
+_RUN_OPTIONS = [f.name for f in dataclasses.fields(RunOptions)]
+
+
 def add_arguments(parser: argparse.ArgumentParser, options: type[Options], names: Sequence[str] | None = None) -> None:
     """``--config FILE`` and one flag per option (``names``, default all); flags not given stay
     absent from the namespace (SUPPRESS), so a file's value is only overridden by a typed flag.
-    The help ends with the default unless it speaks of it itself (``default`` / ``recipe``)."""
+    The help ends with the default unless it speaks of it itself (``default`` / ``recipe``).
+    The trainer's own options come first, then the run's (``RunOptions``)."""
     parser.add_argument("--config", default=None, help="YAML or JSON file of options (keys are the flag names)")
     fields = options.option_fields()
-    for name in names if names is not None else list(fields):
+    names = list(names) if names is not None else list(fields)
+    for name in sorted(names, key=lambda n: n in _RUN_OPTIONS):
         meta = fields[name].metadata
         flag = "--" + name.replace("_", "-")
         default = options.default(name)

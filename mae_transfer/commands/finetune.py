@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import sys
 
 DESCRIPTIONS = {
     "finetune": "Fine-tune a ViT checkpoint (any format mae_backbone reads) on class folders DATA/train, "
@@ -33,36 +30,26 @@ HELP = {
 def run(args: argparse.Namespace) -> int:
     from classification.config import config_from_args
     from classification.train import evaluate_checkpoint, train
-    from mae_backbone import CheckpointError
-    from training import DataError, NonFiniteModelError, TrainingDiverged
+    from training.cli import run_command
 
     protocol = args.command
-    main_process = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args, protocol)
-    except ValueError as exc:
-        print(f"mae-transfer {protocol}: error: {exc}", file=sys.stderr)
-        return 2
-    try:
+
+    def body(cfg, main_process: bool) -> None:
         if cfg.eval:
             metrics = evaluate_checkpoint(cfg)
             if main_process:
                 print(json.dumps(metrics, indent=2))
-            return 0
+            return
         result = train(cfg)
-    except (ValueError, DataError, CheckpointError, TrainingDiverged, NonFiniteModelError) as exc:
-        print(f"mae-transfer {protocol}: error: {exc}", file=sys.stderr)
-        return 1
-    if main_process:
-        best = result.best or {}
-        print(f"{protocol}: {result.epochs_done} epochs ({result.steps} steps) in {result.output}; {result.freeze}")
-        if best:
-            print(f"  best val top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} (epoch {best['epoch']})")
-        print(f"  classifier: {result.model}")
-        print(f"  resumable checkpoint: {result.checkpoint}")
-    return 0
+        if main_process:
+            best = result.best or {}
+            print(f"{protocol}: {result.epochs_done} epochs ({result.steps} steps) in {result.output}; {result.freeze}")
+            if best:
+                print(f"  best val top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} (epoch {best['epoch']})")
+            print(f"  classifier: {result.model}")
+            print(f"  resumable checkpoint: {result.checkpoint}")
+
+    return run_command(f"mae-transfer {protocol}", lambda: config_from_args(args, protocol), body)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,35 +6,21 @@ Runs as one process, or under ``torchrun`` with one process per device on one or
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 
 
 def run(args: argparse.Namespace) -> int:
-    from mae_backbone import CheckpointError
     from pretrain.config import config_from_args
     from pretrain.train import train
-    from training import DataError, NonFiniteModelError, TrainingDiverged
+    from training.cli import run_command
 
-    main_process = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"mae-transfer pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    try:
+    def body(cfg, main_process: bool) -> None:
         result = train(cfg)
-    except (DataError, TrainingDiverged, NonFiniteModelError, CheckpointError, ValueError) as exc:
-        print(f"mae-transfer pretrain: error: {exc}", file=sys.stderr)
-        return 1
-    if main_process:
-        print(f"pretrained ({cfg.method}) {result.epochs_done} epochs ({result.steps} steps) in {result.output}")
-        print(f"  full checkpoint (resume, visualize): {result.checkpoint}")
-        print(f"  encoder for downstream tasks:        {result.encoder}")
-    return 0
+        if main_process:
+            print(f"pretrained ({cfg.method}) {result.epochs_done} epochs ({result.steps} steps) in {result.output}")
+            print(f"  full checkpoint (resume, visualize): {result.checkpoint}")
+            print(f"  encoder for downstream tasks:        {result.encoder}")
+
+    return run_command("mae-transfer pretrain", lambda: config_from_args(args), body)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

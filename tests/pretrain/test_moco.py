@@ -159,7 +159,7 @@ def test_moco_run_writes_a_strict_encoder_that_trained_and_resumes_exactly(tmp_p
     assert (sd["blocks.1.mlp.fc2.weight"] - init["blocks.1.mlp.fc2.weight"]).abs().max() > 1e-4
 
     # interrupted in epoch 2 (after epoch 1's checkpoint), then resumed: the same model, momentum encoder included
-    train_module = importlib.import_module("pretrain.train")  # the module (``pretrain.train`` is also the function)
+    run_module = importlib.import_module("training.run")  # the run skeleton calls the epoch loop
 
     epochs_run = []
 
@@ -171,7 +171,7 @@ def test_moco_run_writes_a_strict_encoder_that_trained_and_resumes_exactly(tmp_p
 
     half = make_config({**TINY_MOCO_RUN, "data": str(image_folder), "output": str(tmp_path / "half")})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "train_one_epoch", interrupted)
+        mp.setattr(run_module, "train_one_epoch", interrupted)
         with pytest.raises(KeyboardInterrupt):
             train(half)
     resumed = train(half)
