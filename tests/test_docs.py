@@ -258,5 +258,45 @@ def test_the_link_check_catches_a_missing_file_and_heading(tmp_path):
     assert broken_links(tmp_path / "a.md") == ["a.md: gone.md (no such file)", "a.md: a.md#nowhere (no such heading)"]
 
 
+# --------------------------------------------------------------------------- names
+PACKAGES = ("mae_backbone", "training", "pretrain", "classification", "detection", "segmentation", "mae_transfer")
+REPO_PATH = re.compile(r"`((?:%s|benchmarks|tools|tests|docs)/[^`\s]*)`" % "|".join(PACKAGES))
+DOTTED = re.compile(r"`((?:%s)(?:\.\w+)+)`" % "|".join(PACKAGES))
+FROM_IMPORT = re.compile(r"^from ((?:%s)(?:\.\w+)*) import ([\w, ]+)$" % "|".join(PACKAGES), re.M)
+
+
+def resolve(dotted: str) -> bool:
+    """Whether ``package.module.attr...`` names something importable."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_named_files_and_python_names_exist():
+    """Repository paths in backticks, dotted names and ``from X import Y`` lines of the docs exist,
+    so a file or function that moves cannot leave the docs behind."""
+    missing = []
+    for doc in DOC_FILES:
+        text = doc.read_text()
+        for path in REPO_PATH.findall(text):
+            if not re.search(r"[{<*]|\.\.\.", path) and not (ROOT / path.split("::")[0]).exists():
+                missing.append(f"{doc.name}: {path}")
+        names = DOTTED.findall(text) + [f"{mod}.{n.strip()}" for mod, names in FROM_IMPORT.findall(text)
+                                        for n in names.split(",")]
+        missing += [f"{doc.name}: {name}" for name in sorted(set(names)) if not resolve(name)]
+    assert missing == []
+
+
 def test_readme_is_short():
     assert len(README.read_text().splitlines()) <= 200
