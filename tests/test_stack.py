@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from unsafe_pickle import unsafe_mmengine_checkpoint
+
 
 # --------------------------------------------------------------------------- Detectron2
 def test_detectron2_mask_rcnn_trains_one_step_on_cpu():
@@ -196,11 +198,7 @@ def test_mmengine_resume_under_weights_only(tmp_path):
 def test_mmengine_load_still_refuses_code(tmp_path):
     from mmengine.runner.checkpoint import _load_checkpoint
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {tmp_path / 'pwned'}",))
-
-    torch.save({"state_dict": {}, "meta": Evil()}, tmp_path / "evil.pth")
+    unsafe_mmengine_checkpoint(tmp_path / "evil.pth", tmp_path / "pwned")
     with pytest.raises(pickle.UnpicklingError):
         _load_checkpoint(str(tmp_path / "evil.pth"), map_location="cpu")
     assert not (tmp_path / "pwned").exists()

@@ -5,7 +5,7 @@ losses and gradients."""
 from __future__ import annotations
 
 import errno
-import importlib.util
+import importlib
 import json
 import os
 import pickle
@@ -20,7 +20,6 @@ from classification.config import make_config
 from classification.data import ClassFolder, build_transform, find_classes
 from classification.state import CHECKPOINT_NAME, MODEL_NAME, load_training_state
 from classification.train import train
-from cls_helpers import TINY_VIT, tiny_run, write_dataset
 from mae_backbone import create_vit
 from mae_backbone import io as mio
 from mae_backbone.checkpoint import save_checkpoint
@@ -28,10 +27,9 @@ from mae_backbone.io import CheckpointWriteError
 from mae_transfer.cli import main
 from training import TrainingDiverged
 
-HARNESS = Path(__file__).parents[1] / "pretrain" / "fault_harness.py"
-_spec = importlib.util.spec_from_file_location("fault_harness", HARNESS)
-fh = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fh)  # type: ignore[union-attr]
+import fault_harness as fh
+from cls_helpers import TINY_VIT, tiny_run, write_dataset
+from unsafe_pickle import RunsCode
 
 
 def cli_args(protocol: str, data: Path, out: Path, checkpoint: Path | None, *extra: str) -> list[str]:
@@ -187,27 +185,19 @@ def test_damaged_pretrained_weights_are_refused_by_name(tmp_path, small, capsys,
     assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
 
 
-class _Payload:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_malicious_pickles_are_refused_everywhere_a_checkpoint_is_read(tmp_path, small, one_epoch, capsys):
     data, enc = small
     good_out, _ = one_epoch
     marker = tmp_path / "pwned"
     state = load_training_state(good_out / CHECKPOINT_NAME)
-    state["history"] = [_Payload(str(marker))]
+    state["history"] = [RunsCode(marker)]
     out = tmp_path / "run"
     out.mkdir()
     torch.save(state, out / CHECKPOINT_NAME)  # resume
     evil_pth = tmp_path / "mae_pretrain_vit_evil.pth"
-    torch.save({"model": {"cls_token": torch.zeros(1, 1, 32)}, "args": _Payload(str(marker))}, evil_pth)
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 32)}, "args": RunsCode(marker)}, evil_pth)
     evil_pkl = tmp_path / "weights.pkl"
-    evil_pkl.write_bytes(pickle.dumps({"model": _Payload(str(marker))}))
+    evil_pkl.write_bytes(pickle.dumps({"model": RunsCode(marker)}))
     cases = [cli_args("linprobe", data, out, enc, "--epochs", "2"),                     # auto-resume
              cli_args("finetune", data, tmp_path / "r1", enc, "--resume", str(out / CHECKPOINT_NAME)),
              cli_args("finetune", data, tmp_path / "r2", evil_pth, "--model", "vit_tiny_patch16"),  # pretrained

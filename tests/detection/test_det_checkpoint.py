@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detection import SafeDetectionCheckpointer, SimpleFeaturePyramid, load_pretrained
 from mae_backbone import CheckpointError, UnsafeCheckpointError, create_vit
 from mae_backbone.checkpoint import write_checkpoint
+
+from unsafe_pickle import RunsCode
 
 
 def pretrained_vit(**kw):
@@ -109,11 +110,6 @@ def test_vit_h_style_patch_14_checkpoint_is_resampled_to_patch_16(tmp_path):
 
 
 # --------------------------------------------------------------------------- detector weights
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
 def test_detector_checkpoint_round_trip_through_weights_only(tmp_path):
     model = detection_backbone()
     SafeDetectionCheckpointer(model, str(tmp_path)).save("model_x", iteration=7)
@@ -138,9 +134,10 @@ def test_pkl_weights_are_refused_unless_trusted(tmp_path):
 
 def test_a_pth_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
-    torch.save({"model": {}, "payload": _RunsCode()}, path)
+    torch.save({"model": {}, "payload": RunsCode(tmp_path / "pwned")}, path)
     with pytest.raises(UnsafeCheckpointError, match="refused"):
         SafeDetectionCheckpointer(detection_backbone()).load(str(path))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_an_encoder_given_as_detector_weights_is_an_error(tmp_path):

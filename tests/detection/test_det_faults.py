@@ -1,7 +1,7 @@
 """Fault injection into ``mae-transfer detect``: kills, failed writes, damaged and malicious
 checkpoints, bad images and annotations, config typos and non-finite losses.
 
-The kill/resume test runs the real CLI in subprocesses through ``tests/kill_harness.py`` (SIGKILL
+The kill/resume test runs the real CLI in subprocesses through ``tests/helpers/kill_harness.py`` (SIGKILL
 after a seeded backward pass, then in the middle of a seeded checkpoint write) and compares the
 final weights with one uninterrupted run, bit for bit. The other tests run in-process.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import importlib.util
 import json
 import os
 import pickle
@@ -37,12 +36,12 @@ from detection.data import DatasetError, register_coco_dataset, validate_coco_js
 from mae_backbone import CheckpointError, safe_torch_load
 from mae_transfer.cli import main
 
+import fault_harness as fh  # tests/helpers: FailingFile, a disk that fills up
+import kill_harness
+from unsafe_pickle import RunsCode
+
 ROOT = Path(__file__).resolve().parents[2]
-HARNESS = ROOT / "tests" / "kill_harness.py"
-# FailingFile (a disk that fills up) lives with the other fault helpers; no tests/__init__.py, so by path
-_spec = importlib.util.spec_from_file_location("fault_harness", ROOT / "tests" / "pretrain" / "fault_harness.py")
-fh = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fh)  # type: ignore[union-attr]
+HARNESS = Path(kill_harness.__file__)
 TINY = str(Path(__file__).parent / "configs" / "tiny_mask_rcnn_vitdet.py")
 MAX_ITER, PERIOD = 6, 2  # checkpoints after iterations 1, 3, 5 and model_final after 5
 RUN = [f"train.max_iter={MAX_ITER}", f"train.checkpointer.period={PERIOD}", "train.eval_period=0"]
@@ -203,14 +202,6 @@ def test_a_truncated_pretrained_encoder_is_refused_by_name(tiny_coco, tmp_path, 
 
 
 # --------------------------------------------------------------------------- malicious pickles
-class _Evil:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.parametrize("where", ["eval --weights .pth", "eval --weights .pkl", "infer --weights .pth",
                                    "train init_checkpoint", "train --resume", "train backbone.pretrained"])
 def test_a_checkpoint_that_would_run_code_is_never_unpickled(reference, tiny_coco, tmp_path, capsys, where):
@@ -218,10 +209,10 @@ def test_a_checkpoint_that_would_run_code_is_never_unpickled(reference, tiny_coc
     out = tmp_path / "out"
     if where.endswith(".pkl"):
         evil = tmp_path / "zoo.pkl"
-        evil.write_bytes(pickle.dumps({"model": {}, "payload": _Evil(marker)}))
+        evil.write_bytes(pickle.dumps({"model": {}, "payload": RunsCode(marker)}))
     else:
         evil = tmp_path / "model_final.pth"
-        torch.save({"model": {}, "payload": _Evil(marker)}, evil)
+        torch.save({"model": {}, "payload": RunsCode(marker)}, evil)
     reg = _register(tiny_coco)
     if where.startswith("eval"):
         argv = ["detect", "eval", TINY, "--weights", str(evil), "--output", str(out), *reg]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import pickle
 
 import pytest
@@ -20,6 +19,8 @@ from mae_backbone.checkpoint import (
 )
 from mae_backbone.formats import WRITERS
 from mae_transfer.cli import main as cli
+
+from unsafe_pickle import RunsCode
 
 READ_FORMATS = ["ours", "timm", "mae", "mocov3", "hf", "detectron2", "mmseg"]
 WRITE_FORMATS = ["ours", *WRITERS]
@@ -176,19 +177,11 @@ def test_unknown_format_is_a_clear_error(tmp_path):
         read_checkpoint(tmp_path / "odd.pth", format="keras")
 
 
-class _Payload:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.parametrize("suffix", [".pth", ".pkl"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, suffix):
     marker = tmp_path / "pwned"
     path = tmp_path / f"evil{suffix}"
-    payload = {"model": {"cls_token": torch.zeros(1, 1, 192)}, "x": _Payload(str(marker))}
+    payload = {"model": {"cls_token": torch.zeros(1, 1, 192)}, "x": RunsCode(marker)}
     if suffix == ".pth":
         torch.save(payload, path)
     else:

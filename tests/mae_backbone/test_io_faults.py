@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import builtins
 import errno
-import importlib.util
 import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +25,8 @@ from mae_backbone.io import (
     safe_torch_load,
 )
 
-# FailingFile (a disk that fills up) lives with the other fault helpers; no tests/__init__.py, so by path
-_spec = importlib.util.spec_from_file_location("fault_harness", Path(__file__).parents[1] / "pretrain" / "fault_harness.py")
-fh = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fh)  # type: ignore[union-attr]
+import fault_harness as fh  # tests/helpers: FailingFile, a disk that fills up
+
 
 
 def _state(seed: int = 0) -> dict:

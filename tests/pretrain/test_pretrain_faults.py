@@ -24,6 +24,7 @@ from pretrain import CHECKPOINT_NAME, MaskedAutoencoderViT, TrainingDiverged
 from pretrain.data import ImageFiles, build_transform, load_rgb
 from pretrain.state import load_training_state
 from pretrain.train import build_model, train
+from unsafe_pickle import RunsCode
 
 TINY_FLAGS = ["--model", "mae_vit_tiny_patch16", "--img-size", "32",
               "--model-kwargs", json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}),
@@ -176,24 +177,16 @@ def test_a_damaged_checkpoint_is_refused_by_name_and_not_overwritten(tmp_path, o
     assert path.read_bytes() == damaged  # never trained over, never replaced
 
 
-class _Payload:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_malicious_pickles_are_refused_and_never_run(tmp_path, one_epoch_run, capsys):
     data, good, _ = one_epoch_run
     marker = tmp_path / "pwned"
     state = load_training_state(good)
-    state["counters"] = _Payload(str(marker))
+    state["counters"] = RunsCode(marker)
     evil = tmp_path / "run" / CHECKPOINT_NAME
     evil.parent.mkdir()
     torch.save(state, evil)
     other = tmp_path / "evil.pth"
-    torch.save({"model": _Payload(str(marker))}, other)
+    torch.save({"model": RunsCode(marker)}, other)
     for argv, rc in ((cli_args(data, tmp_path / "run", "--epochs", "2", "--batch-size", "4"), 1),  # auto-resume
                      (cli_args(data, tmp_path / "run2", "--resume", str(other), "--batch-size", "4"), 1),
                      (["visualize", str(evil), str(next(data.rglob("*.png"))), "-o", str(tmp_path / "v.png")], 1)):

@@ -17,6 +17,8 @@ from mae_backbone import VIT_ARCHS, CheckpointError, UnsafeCheckpointError, crea
 from mae_backbone.checkpoint import write_checkpoint
 from segmentation import MAEViT
 
+from unsafe_pickle import RunsCode
+
 TINY = dict(embed_dim=64, depth=4, num_heads=2)
 
 
@@ -212,11 +214,7 @@ def test_a_missing_block_key_is_an_error(mae_checkpoint, tmp_path):
 
 
 def test_a_malicious_pretrained_file_is_refused(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {tmp_path / 'pwned'}",))
-
-    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    torch.save({"model": RunsCode(tmp_path / "pwned")}, tmp_path / "evil.pth")
     with pytest.raises(UnsafeCheckpointError, match="refused to load"):
         tiny(init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "evil.pth"))).init_weights()
     assert not (tmp_path / "pwned").exists()

@@ -1,7 +1,7 @@
 """Fault injection into ``mae-transfer segment``: kills, failed writes, damaged and malicious
 checkpoints, bad images, label maps and layouts, config typos and non-finite losses.
 
-The kill/resume test runs the real CLI in subprocesses through ``tests/kill_harness.py`` (SIGKILL
+The kill/resume test runs the real CLI in subprocesses through ``tests/helpers/kill_harness.py`` (SIGKILL
 after a seeded backward pass, then in the middle of a seeded checkpoint write) and compares the
 final weights with one uninterrupted run, bit for bit. The other tests run in-process.
 """
@@ -31,10 +31,12 @@ from segmentation import ADELayoutDataset, DatasetError
 from segmentation.engine import ConfigError, load_config, prepare
 from segmentation.safe_loading import AtomicLocalBackend
 
+import kill_harness
 from seg_helpers import CLASSES, torch_threads, unique_name, write_ade_layout
+from unsafe_pickle import unsafe_mmengine_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-HARNESS = ROOT / "tests" / "kill_harness.py"
+HARNESS = Path(kill_harness.__file__)
 MAX_ITERS, INTERVAL = 8, 2  # checkpoints iter_2, iter_4, iter_6, iter_8
 OPTIONS = [f"train_cfg.max_iters={MAX_ITERS}", "train_cfg.val_interval=1000",
            f"default_hooks.checkpoint.interval={INTERVAL}"]
@@ -223,20 +225,11 @@ def test_a_truncated_pretrained_encoder_is_refused_by_name(tiny_config, tmp_path
 
 
 # --------------------------------------------------------------------------- malicious pickles
-def _evil(path: Path, marker: Path) -> Path:
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"state_dict": {}, "meta": Evil()}, path)
-    return path
-
-
 @pytest.mark.parametrize("where", ["test", "infer", "train --resume (auto)", "train --resume PATH", "train load_from",
                                    "train model.pretrained"])
 def test_a_checkpoint_that_would_run_code_is_never_unpickled(tiny_config, ade_root, tmp_path, capsys, where):
     marker = tmp_path / "pwned"
-    evil = _evil(tmp_path / "iter_4.pth", marker)
+    evil = unsafe_mmengine_checkpoint(tmp_path / "iter_4.pth", marker)
     work = tmp_path / "w"
     if where == "test":
         rc = main(["segment", "test", str(tiny_config), str(evil), "--work-dir", str(work)])

@@ -6,7 +6,6 @@ and 16, validation at the end.  The other tests test, infer and resume from its 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from mae_transfer.cli import main
 from segmentation.engine import ConfigError, enable_amp, infer, load_config
 
 from seg_helpers import CKPT_INTERVAL, CLASSES, MAX_ITERS, torch_threads, unique_name
+from unsafe_pickle import unsafe_mmengine_checkpoint
 
 
 def _scalars(work_dir: Path) -> list[dict]:
@@ -41,15 +41,6 @@ def trained(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
                    "--cfg-options", f"experiment_name={unique_name()}"])
     assert rc == 0
     return work_dir
-
-
-def _evil(path: Path, marker: Path) -> Path:
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"state_dict": {}, "meta": Evil()}, path)
-    return path
 
 
 # --------------------------------------------------------------------------- train
@@ -126,7 +117,7 @@ def test_infer_writes_a_colour_overlay(trained, tiny_config, ade_root, tmp_path,
 # --------------------------------------------------------------------------- refusals and errors
 def test_malicious_checkpoints_are_refused(tiny_config, tmp_path, capsys):
     marker = tmp_path / "pwned"
-    evil = _evil(tmp_path / "evil.pth", marker)
+    evil = unsafe_mmengine_checkpoint(tmp_path / "evil.pth", marker)
     rc = main(["segment", "test", str(tiny_config), str(evil), "--work-dir", str(tmp_path / "t"),
                "--cfg-options", f"experiment_name={unique_name()}"])
     assert rc == 2 and "refused to load" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Run ``mae_transfer.cli.main`` and SIGKILL the process at a chosen point (fault-injection tests).
 
-    python tests/kill_harness.py [--kill-after-backward K] [--kill-in-write N --fraction F] -- CLI ARGS
+    python tests/helpers/kill_harness.py [--kill-after-backward K] [--kill-in-write N --fraction F] -- CLI ARGS
 
 - ``--kill-after-backward K``: die right after the K-th backward pass (1-based), i.e. in the
   middle of a training iteration, between backward and the optimizer step.
@@ -20,11 +20,7 @@ import os
 import signal
 import sys
 
-# ``python tests/kill_harness.py`` puts tests/ first on sys.path, where tests/mae_transfer/ would
-# shadow the package of the same name
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import torch  # noqa: E402
+import torch
 
 
 def _die() -> None:
