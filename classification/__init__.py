@@ -29,7 +29,7 @@ from classification.models import (
     linear_probe_head,
     load_pretrained,
 )
-from classification.optim import build_optimizer, build_scheduler
+from classification.optim import build_optimizer
 from classification.state import CHECKPOINT_NAME, MODEL_NAME, export_model, model_for_eval
 from classification.train import RunResult, evaluate_checkpoint, train
 
@@ -47,7 +47,6 @@ __all__ = [
     "build_criterion",
     "build_mixup",
     "build_optimizer",
-    "build_scheduler",
     "build_transform",
     "check_same_classes",
     "evaluate",

@@ -2,8 +2,8 @@
 
 Training runs in the shared epoch loop, ``training.loop.train_one_epoch`` (accumulation,
 autocast, non-finite steps skipped everywhere and counted, ``max_nonfinite`` in a row stop the
-run); ``StepSetup`` is what a classifier adds to it: per optimizer step, the learning rate comes
-from the schedule at the global step (``scheduler.step_update(step)``, which applies each group's
+run); ``ClassifierStep`` is what a classifier adds to it: per optimizer step, the learning rate
+comes from the schedule at the global step (``training.schedule``, times each group's
 ``lr_scale``), micro-batches are mixed (mixup / cutmix) before the forward, and the EMA (if any)
 follows each optimizer step.
 """
@@ -18,33 +18,22 @@ from torch import nn
 
 from classification.metrics import AccuracyMeter
 from training.distributed import DistInfo, all_reduce_sum
-from training.loop import EpochStats, MicroBatch, note_failures, train_one_epoch
+from training.loop import EpochStats, MicroBatch, ScheduledStep, note_failures, train_one_epoch
 from training.monitor import Monitor
 from training.precision import amp_autocast, resolve_amp
 
-__all__ = ["EpochStats", "StepSetup", "evaluate", "resolve_amp", "train_one_epoch"]
+__all__ = ["ClassifierStep", "EpochStats", "evaluate", "resolve_amp", "train_one_epoch"]
 
 
 @dataclass
-class StepSetup:
-    """The classifier's ``training.loop.StepRecipe``: what the loop needs besides the model,
-    the data and the optimizer."""
+class ClassifierStep(ScheduledStep):
+    """The classifier's ``training.loop.StepRecipe``: mixup / cutmix before the forward, the
+    criterion after it, the EMA (if any) after each optimizer step."""
 
     criterion: nn.Module
-    scheduler: Any  # timm scheduler: step_update(num_updates) sets every group's lr
-    accum_iter: int = 1
     mixup: Any = None  # timm Mixup or None
-    amp_dtype: torch.dtype | None = None
-    clip_grad: float | None = None
     ema: Any = None  # timm ModelEmaV3 or None
-    max_nonfinite: int = 10
-    log_every: int = 20
-    epochs: int = 1
     diverged_hint: ClassVar[str] = "Try a lower --blr, --clip-grad 5.0, or --precision bf16/fp32 instead of fp16."
-
-    def apply_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        self.scheduler.step_update(step)
-        return max(g["lr"] for g in optimizer.param_groups)
 
     def micro_batch(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> MicroBatch:
         """``batch`` from ``classification.data.collate``; with mixup an odd batch drops its last

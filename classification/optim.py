@@ -6,12 +6,11 @@
   parameters are not in any group;
 - linear probing: LARS (timm ``Lars``, momentum 0.9, trust coefficient 0.001) on the head, with
   the trust ratio on the weight only and no weight decay (the official MAE ``util/lars.py``);
-- schedule: timm ``CosineLRScheduler`` per optimizer step: linear warmup from 0, then half-cosine
-  to ``min_lr`` (the official MAE ``adjust_learning_rate``); a pure function of the step.
+- schedule: the one of every trainer (``training.schedule``), per optimizer step: linear warmup
+  from 0, then half-cosine to ``min_lr`` (the official MAE ``adjust_learning_rate``), times each
+  group's ``lr_scale``; a pure function of the step.
 """
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -36,16 +35,3 @@ def build_optimizer(model: nn.Module, protocol: str, lr: float, weight_decay: fl
         return Lars(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, trust_coeff=0.001)
     groups = layer_decay_param_groups(model, weight_decay, layer_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, min_lr: float, warmup_steps: int, total_steps: int) -> Any:
-    """timm ``CosineLRScheduler`` in optimizer steps: call ``step_update(step)`` before each step.
-
-    lr(step) = lr * step / warmup for step < warmup, then
-    min_lr + (lr - min_lr) * (1 + cos(pi * (step - warmup) / (total - warmup))) / 2,
-    times each group's ``lr_scale``.
-    """
-    from timm.scheduler import CosineLRScheduler
-
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr,
-                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)

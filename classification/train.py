@@ -30,7 +30,7 @@ from classification.data import (
     collate,
     find_classes,
 )
-from classification.engine import StepSetup, evaluate, resolve_amp, train_one_epoch
+from classification.engine import ClassifierStep, evaluate
 from classification.models import (
     FreezeReport,
     build_classifier,
@@ -39,7 +39,7 @@ from classification.models import (
     linear_probe_head,
     load_pretrained,
 )
-from classification.optim import build_optimizer, build_scheduler
+from classification.optim import build_optimizer
 from classification.state import (
     CHECKPOINT_NAME,
     EMA_MODEL_NAME,
@@ -58,7 +58,8 @@ from training.loop import Counters, EpochStats
 from training.monitor import Monitor
 from training.run import CONFIG_NAME, RunParts, Trainer, data_loader, effective_batch, epoch_sampler, run, write_json
 from training.run import RunResult as BaseRunResult
-from training.schedule import absolute_lr
+from training.precision import resolve_amp
+from training.schedule import absolute_lr, cosine_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +169,7 @@ class ClassifierTrainer(Trainer):
 
         lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, effective_batch(cfg, info))
         optimizer = build_optimizer(model, cfg.protocol, lr, cfg.weight_decay, cfg.layer_decay)
-        scheduler = build_scheduler(optimizer, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch,
-                                    cfg.epochs * steps_per_epoch)
+        schedule = cosine_schedule(lr, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
         amp_dtype, use_scaler = resolve_amp(cfg.precision, info.device)
         self.amp_dtype = amp_dtype
         scaler = torch.amp.GradScaler(info.device.type, enabled=use_scaler)
@@ -178,7 +178,7 @@ class ClassifierTrainer(Trainer):
 
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay)
         mixup = build_mixup(cfg, len(classes))
-        recipe = StepSetup(criterion=build_criterion(cfg, mixup), scheduler=scheduler, accum_iter=cfg.accum_iter,
+        recipe = ClassifierStep(criterion=build_criterion(cfg, mixup), lr_at=schedule, accum_iter=cfg.accum_iter,
                            mixup=mixup, amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, ema=self.ema,
                            max_nonfinite=cfg.max_nonfinite, log_every=cfg.log_every, epochs=cfg.epochs)
         if info.is_main:

@@ -1,45 +1,31 @@
 """The pretraining methods' part of the shared epoch loop (``training.loop.train_one_epoch``):
-their ``StepRecipe``s.  ``PretrainSteps`` holds what they share (the schedule ``lr_at``, autocast,
-the loop's limits); ``MaeStep`` adds the MAE's masked-patch loss (``pretrain.moco.MocoStep`` the
+their ``StepRecipe``s.  ``PretrainSteps`` (a ``training.loop.ScheduledStep``: the schedule
+``lr_at``, autocast, the loop's limits) is what they share; ``MaeStep`` adds the MAE's masked-patch loss (``pretrain.moco.MocoStep`` the
 contrastive one).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from pretrain.masking import mask_noise
 from training.data import mix_seed
-from training.loop import MicroBatch
+from training.loop import MicroBatch, ScheduledStep
 from training.precision import amp_autocast
-from training.schedule import set_lr
 
 
 @dataclass
-class PretrainSteps:
-    """What the pretraining methods' ``StepRecipe``s share: the schedule ``lr_at``, autocast and the
-    loop's limits.  Subclasses add ``micro_batch`` (their loss) and ``after_step``."""
+class PretrainSteps(ScheduledStep):
+    """What the pretraining methods' ``StepRecipe``s share besides ``ScheduledStep``: the hint."""
 
-    accum_iter: int
-    lr_at: Callable[[int], float]
-    amp_dtype: torch.dtype | None
-    clip_grad: float | None
-    max_nonfinite: int
-    log_every: int
-    epochs: int
     diverged_hint: ClassVar[str] = "Try a lower --blr, --clip-grad 3.0, or --precision bf16/fp32 instead of fp16."
 
-    def apply_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        lr = self.lr_at(step)
-        set_lr(optimizer, lr)
-        return lr
-
 
 @dataclass
-class StepSetup(PretrainSteps):
+class MaeStep(PretrainSteps):
     """The MAE's ``StepRecipe``: masked-patch reconstruction loss, cosine schedule via ``lr_at``."""
 
     mask_ratio: float
@@ -58,6 +44,3 @@ class StepSetup(PretrainSteps):
             return value
 
         return len(batch["seeds"]), loss
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        pass

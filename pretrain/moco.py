@@ -22,7 +22,7 @@ projection MLP, ``momentum_encoder.*``, ``predictor.*``), so the backbone is wha
 
 Differences from the official code, on purpose: the ViT's initialization is MAE's (xavier-uniform
 on the whole qkv matrix, class token N(0, .02)), the same for every method compared here; BN is
-per-process (no SyncBN).  The momentum update runs after each optimizer step (``MocoStepSetup``)
+per-process (no SyncBN).  The momentum update runs after each optimizer step (``MocoStep``)
 rather than at the start of the next forward: the same sequence of updates (the official first one
 is a no-op), and it keeps the forward free of side effects.
 """
@@ -224,8 +224,8 @@ def build_moco_optimizer(model: MoCoV3, lr: float, weight_decay: float = 0.1) ->
 
 
 @dataclass
-class MocoStepSetup(PretrainSteps):
-    """MoCo v3's ``pretrain.engine.StepRecipe``: the two crops' loss, the lr schedule ``lr_at``, and
+class MocoStep(PretrainSteps):
+    """MoCo v3's ``training.loop.StepRecipe``: the two crops' loss, the lr schedule ``lr_at``, and
     the momentum update after each optimizer step with m from ``momentum_at``."""
 
     momentum: float  # m0

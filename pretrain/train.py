@@ -27,10 +27,10 @@ import torch
 
 from pretrain.config import PretrainConfig
 from pretrain.data import ImageFiles, build_transform, collate
-from pretrain.engine import StepSetup
+from pretrain.engine import MaeStep
 from pretrain.masking import check_masking, mask_noise
 from pretrain.model import MAE_ARCHS, MaskedAutoencoderViT, create_mae
-from pretrain.moco import MoCoV3, MocoStepSetup, build_moco_optimizer, build_moco_transform, create_moco
+from pretrain.moco import MoCoV3, MocoStep, build_moco_optimizer, build_moco_transform, create_moco
 from pretrain.optim import build_optimizer
 from pretrain.state import (
     CHECKPOINT_NAME,
@@ -47,7 +47,7 @@ from training.precision import AMP_DTYPES, resolve_precision
 from training.run import RunParts, Trainer, data_loader, effective_batch, epoch_sampler
 from training.run import RunResult as BaseRunResult
 from training.run import run
-from training.schedule import absolute_lr, lr_at
+from training.schedule import absolute_lr, cosine_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -167,14 +167,13 @@ class PretrainTrainer(Trainer):
 
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = cfg.warmup_epochs * steps_per_epoch
-        limits = dict(lr_at=lambda step: lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps),
-                      accum_iter=cfg.accum_iter, amp_dtype=amp_dtype, clip_grad=cfg.clip_grad,
-                      max_nonfinite=cfg.max_nonfinite, log_every=cfg.log_every, epochs=cfg.epochs)
-        recipe: StepSetup | MocoStepSetup
+        limits = dict(lr_at=cosine_schedule(lr, cfg.min_lr, warmup_steps, total_steps), accum_iter=cfg.accum_iter,
+                      amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, max_nonfinite=cfg.max_nonfinite, log_every=cfg.log_every, epochs=cfg.epochs)
+        recipe: MaeStep | MocoStep
         if self.moco:
-            recipe = MocoStepSetup(momentum=cfg.moco_momentum, total_steps=total_steps, **limits)
+            recipe = MocoStep(momentum=cfg.moco_momentum, total_steps=total_steps, **limits)
         else:
-            recipe = StepSetup(mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, **limits)
+            recipe = MaeStep(mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, **limits)
         loader = data_loader(dataset, sampler, collate, cfg, info)
         record = {"method": cfg.method, "lr": lr, "images": len(dataset), "precision": precision}
         return RunParts(model, optimizer, scaler, sampler, loader, recipe, record)

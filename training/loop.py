@@ -28,6 +28,7 @@ from torch import nn
 from training.distributed import DistInfo, all_reduce_sum
 from training.monitor import Monitor
 from training.precision import amp_autocast
+from training.schedule import set_lr
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,30 @@ class StepRecipe(Protocol):
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after the optimizer took step ``step`` (not after a skipped one)."""
         ...
+
+
+@dataclass
+class ScheduledStep:
+    """What every ``StepRecipe`` shares: the lr schedule ``lr_at`` (a pure function of the step,
+    put in place times each group's ``lr_scale``), autocast and the loop's limits.  A method's
+    step adds ``micro_batch`` (its loss) and, if it needs one, ``after_step``."""
+
+    accum_iter: int
+    lr_at: Callable[[int], float]
+    amp_dtype: torch.dtype | None
+    clip_grad: float | None
+    max_nonfinite: int
+    log_every: int
+    epochs: int
+    diverged_hint: ClassVar[str] = "Try a lower --blr, --clip-grad, or --precision bf16/fp32 instead of fp16."
+
+    def apply_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        set_lr(optimizer, lr)
+        return lr
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
 
 
 def note_failures(batch: dict[str, Any], stats: EpochStats, seen: set[str]) -> None:

@@ -8,6 +8,7 @@ the schedule exactly where it stopped; ``set_lr`` puts it in place, times each p
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -25,6 +26,15 @@ def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_ste
         return base_lr
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_schedule(base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """``step -> lr_at(step, base_lr, min_lr, warmup_steps, total_steps)``: a run's schedule."""
+
+    def at(step: int) -> float:
+        return lr_at(step, base_lr, min_lr, warmup_steps, total_steps)
+
+    return at
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -14,7 +14,7 @@ from mae_backbone import create_vit, sincos_2d_pos_embed
 from mae_backbone.checkpoint import load_checkpoint, read_checkpoint
 from pretrain import CHECKPOINT_NAME, make_config
 from pretrain.moco import (
-    MocoStepSetup,
+    MocoStep,
     build_moco_optimizer,
     build_moco_transform,
     contrastive_loss,
@@ -80,7 +80,7 @@ def test_momentum_update_is_exact_for_every_parameter_and_gradient_free():
     assert all(p.grad is None and not p.requires_grad for p in mom.values())
     assert all((p.grad is not None) == p.requires_grad for p in base.values())  # patch_embed, pos_embed frozen
 
-    setup = MocoStepSetup(lr_at=lambda s: 0.0, momentum=0.9, total_steps=10, accum_iter=1, amp_dtype=None,
+    setup = MocoStep(lr_at=lambda s: 0.0, momentum=0.9, total_steps=10, accum_iter=1, amp_dtype=None,
                           clip_grad=None, max_nonfinite=1, log_every=1, epochs=1)
     setup.after_step(model, step=4)  # the update before step 5: m = momentum_at(5, 10, 0.9)
     m = momentum_at(5, 10, 0.9)
@@ -188,7 +188,7 @@ def test_moco_run_writes_a_strict_encoder_that_trained_and_resumes_exactly(tmp_p
 
 
 def test_a_micro_batch_of_one_image_is_an_empty_step_and_batch_one_is_refused():
-    setup = MocoStepSetup(lr_at=lambda s: 0.0, momentum=0.99, total_steps=1, accum_iter=1, amp_dtype=None,
+    setup = MocoStep(lr_at=lambda s: 0.0, momentum=0.99, total_steps=1, accum_iter=1, amp_dtype=None,
                           clip_grad=None, max_nonfinite=1, log_every=1, epochs=1)
     one = {"images": torch.randn(1, 2, 3, 32, 32), "seeds": torch.tensor([7]), "failures": []}
     two = {"images": torch.randn(2, 2, 3, 32, 32), "seeds": torch.tensor([7, 8]), "failures": []}
