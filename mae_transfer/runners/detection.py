@@ -3,7 +3,7 @@
 The config is Detectron2's own: a shipped LazyConfig recipe (``detection/configs``) loaded with
 ``LazyConfig.load``, edited attribute by attribute and saved with ``LazyConfig.save`` as YAML in
 the run folder; ``detection.engine``'s ``train_main`` / ``eval_main`` then run that file, so it
-is the exact record of what ran (``mae-transfer detect train --config RUN/mask_rcnn.yaml`` runs it
+is the exact record of what ran (``mae-transfer detect train RUN/mask_rcnn.yaml`` runs it
 again). Shapes go in as ``L(ShapeSpec)(...)`` calls, so the YAML holds no object state, only names
 (``_target_`` strings, and the heads' norm class as a ``!!python/name`` tag).
 """
