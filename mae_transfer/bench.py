@@ -28,7 +28,7 @@ from mae_transfer import runners
 from mae_transfer.runners import TASK_METRICS, TASKS, Arch, Backbone, DataPaths, Recipe, TaskResult, checkpoint_arch
 from mae_transfer.reference import METHODS, lookup
 
-BASELINES = ("mae", "mocov3", "supervised")  # what ``--pretrain`` can produce (pretrain.baselines)
+BASELINES = ("mae", "mocov3", "supervised")  # what ``--pretrain`` can produce (mae_transfer.baselines)
 # With the demo recipe (a tiny encoder, minutes of CPU) the published pretraining recipes are sized for
 # another scale: MAE's 8 x 512 decoder outweighs the encoder many times, MoCo v3's 4096-wide heads too,
 # and their base learning rates at batch 32 are ~1e-5.  These keep each method's recipe otherwise.
@@ -279,7 +279,7 @@ def run_bench(plan: BenchPlan, out: str | Path, log: Callable[[str], None] = pri
 def pretrain_baselines(methods: Sequence[str], data: Path, out: Path, recipe: Recipe, epochs: int,
                        batch_size: int = 32, seed: int = 0, log: Callable[[str], None] = print) -> list[Backbone]:
     """Pretrain each of ``methods`` with the same budget on ``data``; the encoders as backbones."""
-    from pretrain.baselines import pretrain_backbone
+    from mae_transfer.baselines import pretrain_backbone
 
     found = []
     for method in methods:

@@ -2,9 +2,9 @@
 loops over epochs with checkpoints, logs and (MAE) reconstruction grids.
 
 ``config.method`` chooses what is pretrained, with the same data, budget and run folder: ``mae``,
-or the controlled baselines ``mocov3`` (``pretrain.moco``, same loop: two crops, momentum update
-after each step) and ``supervised`` (``pretrain.supervised``: the classification trainer on the
-class folders' labels).
+or the controlled baseline ``mocov3`` (``pretrain.moco``, same loop: two crops, momentum update
+after each step).  The third baseline, ``supervised``, is the classification trainer on the class
+folders' labels: ``mae_transfer.baselines.train_baseline`` runs any method.
 
 Run folder (``config.output``):
     config.json          the resolved options (usable again with ``--config``)
@@ -218,24 +218,22 @@ class PretrainTrainer(Trainer):
 
 
 def train(cfg: PretrainConfig, model: MaskedAutoencoderViT | MoCoV3 | None = None) -> RunResult:
-    """Pretrain as ``cfg`` says (MAE, or the ``method``'s baseline), resuming from a checkpoint
+    """Pretrain as ``cfg`` says (MAE, or MoCo v3 with ``method`` mocov3), resuming from a checkpoint
     when there is one.
 
     Run it directly or under ``torchrun`` (one process per device, any number of nodes).
 
     Args:
         cfg: the options.
-        model: a prebuilt model (default: ``build_model(cfg)``; not with ``supervised``).
+        model: a prebuilt model (default: ``build_model(cfg)``).
     Raises:
+        ValueError: ``method`` supervised (see ``mae_transfer.baselines``).
         DataError: no readable image, or fewer images than one global batch.
         TrainingDiverged: too many non-finite losses in a row.
         NonFiniteModelError: the weights became non-finite (the checkpoint keeps the last good state).
     """
     cfg.validate()
     if cfg.method == "supervised":
-        if model is not None:
-            raise ValueError("train: the supervised baseline builds its own classifier; do not pass a model")
-        from pretrain.supervised import train_supervised
-
-        return train_supervised(cfg)
+        raise ValueError("method supervised: the supervised baseline is the classification trainer's; run it with "
+                         "mae_transfer.baselines.train_baseline(cfg) or `mae-transfer pretrain --method supervised`")
     return run(PretrainTrainer(cfg, model))  # type: ignore[return-value]

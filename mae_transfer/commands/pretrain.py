@@ -1,5 +1,6 @@
 """``mae-transfer pretrain``: MAE pretraining (``pretrain.train``) from flags and/or a config file;
-``--method mocov3`` / ``supervised`` pretrain the controlled baselines with the same options.
+``--method mocov3`` / ``supervised`` pretrain the controlled baselines with the same options
+(``mae_transfer.baselines.train_baseline``).
 
 Runs as one process, or under ``torchrun`` with one process per device on one or many nodes.
 """
@@ -9,12 +10,12 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from pretrain.config import config_from_args
-    from pretrain.train import train
+    from mae_transfer.baselines import train_baseline
+    from pretrain import config_from_args
     from training.cli import run_command
 
     def body(cfg, main_process: bool) -> None:
-        result = train(cfg)
+        result = train_baseline(cfg)
         if main_process:
             print(f"pretrained ({cfg.method}) {result.epochs_done} epochs ({result.steps} steps) in {result.output}")
             print(f"  full checkpoint (resume, visualize): {result.checkpoint}")
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pretrain.config import add_arguments
+    from pretrain import add_arguments
 
     p = sub.add_parser(
         "pretrain",

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mae_transfer.cli import build_parser, main
 from training.data import IMAGENET_MEAN
-from pretrain.config import PretrainConfig, config_from_args, make_config
+from pretrain import PretrainConfig, config_from_args, make_config
 from pretrain.masking import mask_noise
 from pretrain.train import train
 from pretrain.visualize import NORM_PIX_NOTE, load_images, load_mae, reconstruct, to_display

@@ -22,7 +22,7 @@ from mae_backbone.io import CheckpointWriteError
 from mae_transfer.cli import main
 from pretrain import CHECKPOINT_NAME, MaskedAutoencoderViT, TrainingDiverged
 from pretrain.data import ImageFiles, build_transform, load_rgb
-from pretrain.state import load_training_state
+from pretrain import load_training_state
 from pretrain.train import build_model, train
 from unsafe_pickle import RunsCode
 

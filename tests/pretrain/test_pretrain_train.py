@@ -10,8 +10,7 @@ import torch
 
 from mae_backbone import create_vit, safe_torch_load
 from pretrain import CHECKPOINT_NAME, DataError, MaskedAutoencoderViT, NonFiniteModelError, TrainingDiverged
-from pretrain.config import make_config
-from pretrain.state import save_training_state
+from pretrain import make_config, save_training_state
 from pretrain.train import build_model, train
 
 

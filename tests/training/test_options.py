@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import classification.config as cls_config
-import pretrain.config as pre_config
+import pretrain as pre_config
 import training.options as options
 from training.options import Options, add_arguments, canonical_keys, coerce_value, did_you_mean, given_flags, option
 

@@ -1,25 +1,36 @@
 """``pretrain_backbone`` (MAE / MoCo v3 / supervised with one budget) and ``mae-transfer pretrain --method``."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from classification.models import build_classifier
 from mae_backbone import create_vit
 from mae_backbone.checkpoint import load_checkpoint, read_checkpoint
+from mae_transfer.baselines import SUPERVISED_RECIPE, pretrain_backbone
 from mae_transfer.cli import main
-from pretrain import make_config, pretrain_backbone
-from pretrain.config import PretrainConfig
-from pretrain.supervised import SUPERVISED_RECIPE
+from pretrain import PretrainConfig, make_config, train
 
 ENCODER_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
 
 
+def write_images(folder, count: int, seed: int = 0) -> None:
+    """``count`` 36 x 40 PNGs over two class folders: dark ones in class0, bright ones in class1."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        path = folder / f"class{i % 2}" / f"img{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.uniform(0, 0.5, (36, 40, 3)) + 0.5 * (i % 2)
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+
+
 @pytest.fixture
-def dataset(tmp_path, make_images):
+def dataset(tmp_path):
     """An ImageNet-style root: train/ (16 images) and val/ (8), two classes."""
-    make_images(tmp_path / "data" / "train", 16)
-    make_images(tmp_path / "data" / "val", 8, seed=1)
+    write_images(tmp_path / "data" / "train", 16)
+    write_images(tmp_path / "data" / "val", 8, seed=1)
     return tmp_path / "data"
 
 
@@ -93,6 +104,13 @@ def test_cli_method_mocov3_trains_and_options_of_another_method_are_errors(datas
     assert "mask_ratio: not an option of --method mocov3" in capsys.readouterr().err
     assert main(["pretrain", "--data", "d", "--output", "o", "--moco-temperature", "0.1"]) == 2
     assert "moco_temperature: not an option of --method mae" in capsys.readouterr().err
+
+
+def test_supervised_is_refused_by_the_pretraining_trainer_and_named_where_it_runs(dataset, tmp_path):
+    cfg = make_config({"data": str(dataset), "output": str(tmp_path / "o"), "method": "supervised"})
+    with pytest.raises(ValueError, match="mae_transfer.baselines.train_baseline"):
+        train(cfg)
+    assert not (tmp_path / "o").exists()
 
 
 def test_default_method_is_mae_with_its_recipe():
