@@ -138,11 +138,15 @@ class ClassifierTrainer(Trainer):
     def load_state(self, path: Path) -> dict[str, Any]:
         return load_training_state(path)
 
+    def check_inputs(self) -> None:
+        cfg = self.cfg
+        self.classes = find_classes(cfg.train_dir)
+        check_same_classes(self.classes, find_classes(cfg.val_dir), cfg.train_dir, cfg.val_dir)
+
     def build(self, state: Mapping[str, Any] | None) -> RunParts:
         cfg, info = self.cfg, self.info
         assert info is not None
-        classes = self.classes = find_classes(cfg.train_dir)
-        check_same_classes(classes, find_classes(cfg.val_dir), cfg.train_dir, cfg.val_dir)
+        classes = self.classes
         if state is not None and list(state["classes"]) != classes:
             check_same_classes(state["classes"], classes, self.resumed_from, cfg.train_dir)
         arch, overrides = _architecture(cfg, state)

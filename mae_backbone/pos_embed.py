@@ -148,7 +148,8 @@ def resample_beit_rel_pos(table: torch.Tensor, old_grid: Sequence[int], new_grid
         old_grid: (Gh, Gw) the table is made for; new_grid: the target (Gh', Gw').
     Returns:
         [(2*Gh'-1)*(2*Gw'-1)+3, heads]: the offset grid resized bicubically (align_corners=False),
-        the three class-token rows unchanged.
+        the three class-token rows unchanged. MMSeg's ``BEiT.resize_rel_pos_embed`` interpolates
+        on a geometric grid instead (scipy ``interp2d``); see docs/fidelity.md.
     """
     oh, ow = _to_hw(old_grid)
     nh, nw = _to_hw(new_grid)

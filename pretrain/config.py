@@ -19,7 +19,7 @@ from pretrain.masking import MASKINGS
 from pretrain.model import MAE_ARCHS, TARGETS
 from training.options import RunOptions, add_arguments as add_option_flags, check_known_keys, given_flags, option
 
-# what ``--method`` pretrains: MAE, or a controlled baseline (pretrain.moco / pretrain.supervised)
+# what ``--method`` pretrains: MAE, or a controlled baseline (pretrain.moco; the supervised one runs in mae_transfer.baselines)
 METHODS = ("mae", "mocov3", "supervised")
 # options that only one method reads; giving one of them another value with another method is an error
 MAE_ONLY = ("decoder_depth", "decoder_dim", "decoder_heads", "encoder_mask_tokens", "mask_ratio", "masking", "target",

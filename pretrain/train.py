@@ -8,7 +8,7 @@ folders' labels: ``mae_transfer.baselines.train_baseline`` runs any method.
 
 Run folder (``config.output``):
     config.json          the resolved options (usable again with ``--config``)
-    log.jsonl            run / step / epoch records (``pretrain.monitor``)
+    log.jsonl            run / step / epoch records (``training.monitor``)
     tensorboard/         TensorBoard scalars
     checkpoint.pth       full model + training state, every ``save_every`` epochs and at the end
     encoder.safetensors  the encoder alone, in the mae_backbone format, at the end
@@ -140,13 +140,17 @@ class PretrainTrainer(Trainer):
     def load_state(self, path: Path) -> dict[str, Any]:
         return load_training_state(path)
 
+    def check_inputs(self) -> None:
+        cfg = self.cfg
+        files = list_images(cfg.data)
+        transform = build_moco_transform(cfg.img_size) if self.moco else build_transform(cfg.aug, cfg.img_size)
+        self.dataset = ImageFiles(files, transform)
+        self.dataset.first_readable()  # raises DataError before anything else when nothing decodes
+
     def build(self, state: Mapping[str, Any] | None) -> RunParts:
         cfg, info = self.cfg, self.info
         assert info is not None
-        files = list_images(cfg.data)
-        transform = build_moco_transform(cfg.img_size) if self.moco else build_transform(cfg.aug, cfg.img_size)
-        dataset = ImageFiles(files, transform)
-        dataset.first_readable()  # raises DataError before anything else when nothing decodes
+        dataset = self.dataset
 
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         model = self.prebuilt if self.prebuilt is not None else build_model(cfg)
@@ -163,7 +167,7 @@ class PretrainTrainer(Trainer):
         amp_dtype = AMP_DTYPES[precision]
         scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
         if info.is_main and cfg.vis_every and not self.moco:
-            self.vis_imgs = _vis_batch(files, cfg.img_size, cfg.vis_images)
+            self.vis_imgs = _vis_batch(dataset.files, cfg.img_size, cfg.vis_images)
 
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = cfg.warmup_epochs * steps_per_epoch

@@ -83,6 +83,10 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.monitor: Monitor | None = None
 
+    def check_inputs(self) -> None:
+        """Check the inputs (the data folders) before anything else, the resume checkpoint
+        included, is read: a wrong folder is reported as such, not as a checkpoint problem."""
+
     def load_state(self, path: Path) -> dict[str, Any]:
         """Read the checkpoint to resume from (checks its format)."""
         raise NotImplementedError
@@ -164,6 +168,7 @@ def run(trainer: Trainer) -> RunResult:
         ckpt_path = out / CHECKPOINT_NAME
         resume = Path(cfg.resume) if cfg.resume else (ckpt_path if cfg.auto_resume and ckpt_path.exists() else None)
         trainer.resumed_from = resume
+        trainer.check_inputs()
         state = trainer.load_state(resume) if resume is not None else None
         parts = trainer.build(state)
         cfg = trainer.cfg  # build may resolve it

@@ -122,3 +122,17 @@ def test_visualize_refuses_an_encoder_only_file(tmp_path, image_folder, tiny_con
     image = str(next(image_folder.rglob("*.png")))
     assert main(["visualize", str(result.encoder), image, "-o", str(tmp_path / "x.png")]) == 1
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_bad_data_folder_is_reported_before_the_resume_checkpoint_is_read(tmp_path, capsys, command):
+    """Both trainers check their data first (``Trainer.check_inputs``), as before the shared run
+    skeleton: with an empty data folder and a broken checkpoint, the error names the folder."""
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    broken = tmp_path / "checkpoint.pth"
+    broken.write_bytes(b"not a checkpoint")
+    rc = main([command, "--data", str(empty), "--output", str(tmp_path / "out"), "--resume", str(broken), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and str(empty) in err and "checkpoint.pth" not in err, err
