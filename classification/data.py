@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from training.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError, load_rgb
+from training.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError, image_files, load_rgb
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -68,7 +68,8 @@ def _abbrev(items: Sequence[str], n: int = 20) -> str:
 
 
 def list_samples(root: str | Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
-    """``(file, class index)`` for every image file under ``root/<class>/`` (recursive, sorted).
+    """``(file, class index)`` for every image file under ``root/<class>/`` (``training.data.image_files``:
+    recursive, sorted, symlinked folders followed once, each real file once per class).
 
     Raises:
         DataError: a class folder holds no image file.
@@ -77,7 +78,7 @@ def list_samples(root: str | Path, classes: Sequence[str]) -> list[tuple[Path, i
     samples: list[tuple[Path, int]] = []
     empty = []
     for target, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        files = sorted(image_files(root / name))
         if not files:
             empty.append(name)
         samples.extend((p, target) for p in files)

@@ -11,7 +11,7 @@ it imports neither, nor any framework besides torch).
 - ``training.monitor``: progress bar, TensorBoard, ``log.jsonl``;
 - ``training.data``: image decoding, file lists, the reproducible epoch samplers.
 """
-from training.data import DataError, EpochBatchSampler, EvalBatchSampler, list_images, load_rgb, mix_seed
+from training.data import DataError, EpochBatchSampler, EvalBatchSampler, image_files, list_images, load_rgb, mix_seed
 from training.distributed import DistInfo, init_distributed
 from training.loop import Counters, EpochStats, MicroBatch, StepRecipe, TrainingDiverged, train_one_epoch
 from training.monitor import Monitor
@@ -33,6 +33,7 @@ __all__ = [
     "TrainingDiverged",
     "absolute_lr",
     "amp_autocast",
+    "image_files",
     "init_distributed",
     "list_images",
     "load_rgb",

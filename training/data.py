@@ -3,7 +3,9 @@
 - ``load_rgb``: any image file as 8-bit RGB (16-bit grayscale scaled, not clipped);
 - ``list_images``: a folder searched recursively (ImageNet-style class folders or a flat folder),
   or a text file with one image path per line (relative to the list file; blank lines and ``#``
-  comments are ignored);
+  comments are ignored); ``image_files`` is the folder search: symlinked folders are followed,
+  but a folder is never entered twice (by its real path) and a file reached by two paths counts
+  once, so a symlink cycle neither hangs the scan nor repeats images;
 - ``EpochBatchSampler``: every random choice of an epoch is a pure function of ``(seed, epoch)``:
   the order, and per sample the seed of its augmentation (``sample_seed(seed, epoch, index)``).
   A resumed run sees exactly the data the uninterrupted run would have, and N processes with
@@ -12,6 +14,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +28,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _MASK64 = (1 << 64) - 1
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -72,12 +77,52 @@ def list_images(source: str | os.PathLike) -> list[Path]:
         return files
     if not src.is_dir():
         raise DataError(f"{src}: no such folder or list file")
-    files = []
-    for root, dirs, names in os.walk(src, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(Path(root) / n for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS))
+    files = image_files(src)
     if not files:
         raise DataError(f"{src}: no image files ({', '.join(IMG_EXTENSIONS)}) in the folder or its subfolders")
+    return files
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files under ``folder``, recursively, in sorted walk order; hidden folders skipped.
+
+    Symlinked folders are followed, but each folder is entered once (by its real path) and each
+    real file is listed once (under the first path that reaches it); a link back to the folder or
+    to a folder that holds it is not followed.  So a symlink cycle (``a/b/up -> ..``) neither hangs
+    the scan nor counts an image many times, and a class folder's link up to the dataset root does
+    not pull in the other classes' images.  What was skipped
+    is logged as one warning.
+    """
+    root_dir = Path(folder)
+    real_root = Path(os.path.realpath(root_dir))
+    # the folder and the folders that hold it: a link to any of them leads back into the scan
+    seen_dirs = {str(real_root), *(str(p) for p in real_root.parents)}
+    seen_files: set[str] = set()
+    files: list[Path] = []
+    repeats: list[str] = []
+    for root, dirs, names in os.walk(root_dir, followlinks=True):
+        keep = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(root, d))
+            if real in seen_dirs:  # a cycle, or a second link to a folder already scanned
+                repeats.append(os.path.join(root, d))
+            else:
+                seen_dirs.add(real)
+                keep.append(d)
+        dirs[:] = keep
+        for n in sorted(names):
+            if not n.lower().endswith(IMG_EXTENSIONS):
+                continue
+            path = Path(root) / n
+            real = os.path.realpath(path)
+            if real in seen_files:
+                repeats.append(str(path))
+            else:
+                seen_files.add(real)
+                files.append(path)
+    if repeats:
+        logger.warning("%s: skipped %d symlinked paths to folders or images already listed (each image is "
+                       "used once), e.g. %s", root_dir, len(repeats), repeats[0])
     return files
 
 

@@ -126,7 +126,7 @@ def test_permission_denied_at_a_checkpoint_is_a_clear_cli_error(tmp_path, image_
 
     monkeypatch.setattr(mio.os, "replace", deny)
     capsys.readouterr()
-    assert main(cli_args(image_folder, out, "--epochs", "2", "--batch-size", "4")) == 1
+    assert main(cli_args(image_folder, out, "--epochs", "2", "--batch-size", "4")) == 2
     err = capsys.readouterr().err
     assert f"error: {out / CHECKPOINT_NAME}: could not write it (Operation not permitted); the previous file is " \
            "unchanged" in err and "Traceback" not in err
@@ -171,7 +171,7 @@ def test_a_damaged_checkpoint_is_refused_by_name_and_not_overwritten(tmp_path, o
     path.write_bytes(damaged)
     extra = ["--resume", str(path)] if how == "--resume" else []
     capsys.readouterr()
-    assert main(cli_args(data, out, "--epochs", "2", "--batch-size", "4", *extra)) == 1
+    assert main(cli_args(data, out, "--epochs", "2", "--batch-size", "4", *extra)) == 2
     err = capsys.readouterr().err
     assert f"error: {path}: {message}" in err and "Traceback" not in err, err
     assert path.read_bytes() == damaged  # never trained over, never replaced
@@ -187,9 +187,9 @@ def test_malicious_pickles_are_refused_and_never_run(tmp_path, one_epoch_run, ca
     torch.save(state, evil)
     other = tmp_path / "evil.pth"
     torch.save({"model": RunsCode(marker)}, other)
-    for argv, rc in ((cli_args(data, tmp_path / "run", "--epochs", "2", "--batch-size", "4"), 1),  # auto-resume
-                     (cli_args(data, tmp_path / "run2", "--resume", str(other), "--batch-size", "4"), 1),
-                     (["visualize", str(evil), str(next(data.rglob("*.png"))), "-o", str(tmp_path / "v.png")], 1)):
+    for argv, rc in ((cli_args(data, tmp_path / "run", "--epochs", "2", "--batch-size", "4"), 2),  # auto-resume
+                     (cli_args(data, tmp_path / "run2", "--resume", str(other), "--batch-size", "4"), 2),
+                     (["visualize", str(evil), str(next(data.rglob("*.png"))), "-o", str(tmp_path / "v.png")], 2)):
         capsys.readouterr()
         assert main(argv) == rc
         err = capsys.readouterr().err
@@ -292,7 +292,7 @@ def test_wrong_data_sources_are_errors_naming_them(tmp_path, capsys, layout, mes
         src = tmp_path / "list.txt"
         src.write_text("a.png\n# comment\nsub/b.jpg\n")
     capsys.readouterr()
-    assert main(cli_args(src, tmp_path / "run", "--epochs", "1")) == 1
+    assert main(cli_args(src, tmp_path / "run", "--epochs", "1")) == 2
     err = capsys.readouterr().err
     named = str(src) if layout != "list_of_missing" else str(tmp_path / "a.png")
     assert message in err and named in err and "Traceback" not in err, err
@@ -331,3 +331,18 @@ def test_a_log_line_cut_by_a_kill_does_not_break_the_next_runs_lines(tmp_path):
     lines = (tmp_path / LOG_NAME).read_text().splitlines()
     assert lines[1] == '{"type": "step", "lo'
     assert [json.loads(x)["type"] for x in lines[:1] + lines[2:]] == ["run", "run", "epoch"]
+
+
+def test_a_folder_with_a_symlink_cycle_trains_on_each_image_once(tmp_path, capsys, caplog):
+    """A folder whose sub-folders link back up the tree: 16 images, not 336 (each counted once)."""
+    data = tmp_path / "images"
+    write_images(data, 16)
+    sub = sorted(p for p in data.iterdir() if p.is_dir())
+    os.symlink("..", sub[0] / "up")
+    os.symlink(".", sub[-1] / "self")
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--output", str(out), "--batch-size", "4", "--epochs", "1",
+                 *TINY_FLAGS]) == 0
+    runs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in runs if r["type"] == "run"] == [16]
+    assert "symlinked paths to folders or images already listed" in caplog.text
