@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="MAE pretraining and transfer to classification, detection and segmentation.",
     )
     parser.add_argument("--version", action="version", version=f"mae-transfer {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of a one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
@@ -56,15 +59,92 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[s
     command_parser.error("unrecognized arguments: " + " ".join(words))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from mae_backbone.io import CheckpointError
+# modules whose error classes are users' mistakes (reported in one line, exit status 2); a module
+# is only looked up when already imported, so the boundary never imports detectron2 or mmseg itself
+KNOWN_ERRORS = (
+    ("mae_backbone.io", "CheckpointError"),
+    ("training.data", "DataError"),
+    ("training.loop", "TrainingDiverged"),
+    ("training.state", "NonFiniteModelError"),
+    ("detection.data", "DatasetError"),
+    ("detection.config", "ConfigError"),
+    ("segmentation.datasets", "DatasetError"),
+    ("segmentation.engine", "ConfigError"),
+    ("PIL.Image", "UnidentifiedImageError"),
+    ("PIL.Image", "DecompressionBombError"),
+)
 
+
+def known_error_types() -> tuple[type[BaseException], ...]:
+    """The exception classes the boundary reports as a user's mistake (of the modules imported so far)."""
+    from mae_transfer.errors import UserError
+
+    types: list[type[BaseException]] = [UserError]
+    for module, name in KNOWN_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            types.append(cls)
+    return tuple(types)
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message for a known failure kind, ``None`` for anything else (a bug: traceback)."""
+    from mae_transfer.errors import is_reportable_os_error, os_error_message
+
+    if isinstance(exc, known_error_types()):
+        if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in str(exc):
+            return f"{exc.filename}: {exc}"
+        return str(exc) or type(exc).__name__
+    if is_reportable_os_error(exc):
+        return os_error_message(exc)  # type: ignore[arg-type]
+    return None
+
+
+def resume_hint(argv: Sequence[str], checkpoint: str | os.PathLike | None) -> str:
+    """What to type to carry on after Ctrl-C: a trainer stopped after a checkpoint resumes from it
+    (``--resume CHECKPOINT``, replacing any earlier ``--resume``); anything else runs again."""
+    import shlex
+
+    words = ["mae-transfer", *argv]
+    if checkpoint is None:
+        return f"{shlex.join(words)} (run it again)"
+    kept: list[str] = []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--resume":
+            skip = True
+        elif not word.startswith("--resume="):
+            kept.append(word)
+    return shlex.join([*kept, "--resume", str(checkpoint)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run one command, and be the one error boundary of every command.
+
+    Known failure kinds (``known_error_types``, an ``OSError`` naming a path) print one line
+    ``mae-transfer <command>: error: <message>`` and return 2; ``--debug`` re-raises them to show
+    the traceback. Ctrl-C returns 130 and says how to resume.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         _unrecognized(parser, args.command, unknown)
+    command_words = [a for a in argv if a != "--debug"]
     try:
         return int(args.func(args) or 0)
-    except CheckpointError as exc:  # bad input from the user: say what and where, no traceback
-        print(f"mae-transfer {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        hint = resume_hint(command_words, getattr(exc, "resume_checkpoint", None))
+        print(f"\nmae-transfer {args.command}: interrupted; resume with: {hint}",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or args.debug:
+            raise
+        print(f"mae-transfer {args.command}: error: {message}", file=sys.stderr)
         return 2

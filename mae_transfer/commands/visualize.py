@@ -14,8 +14,11 @@ def run(args: argparse.Namespace) -> int:
         out, rec = visualize(args.checkpoint, args.images, args.output, mask_ratio=args.mask_ratio,
                              seed=args.seed, target=args.target, masking=args.masking)
     except (CheckpointError, OSError, ValueError) as exc:
-        print(f"mae-transfer visualize: error: {exc}", file=sys.stderr)
-        return 1
+        from mae_transfer.errors import os_error_message
+
+        message = os_error_message(exc) if isinstance(exc, OSError) and exc.filename is not None else exc
+        print(f"mae-transfer visualize: error: {message}", file=sys.stderr)
+        return 2
     print(f"wrote {out} ({len(args.images)} images, masked-patch loss {rec.loss:.4f})")
     return 0
 

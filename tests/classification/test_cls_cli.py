@@ -76,7 +76,7 @@ def test_cli_reports_an_architecture_mismatch_without_a_traceback(dataset, encod
     rc = main(["finetune", "--data", str(dataset), "--output", str(tmp_path / "o"), "--checkpoint",
                str(encoder_checkpoint), "--model", "vit_small_patch16", "--img-size", "32", "--num-workers", "0"])
     err = capsys.readouterr().err
-    assert rc == 1 and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err
     assert "mae-transfer finetune: error:" in err and "expected vit_small_patch16 (embed_dim 384" in err
 
 

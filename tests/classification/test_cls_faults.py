@@ -124,7 +124,7 @@ def test_a_failing_export_is_a_clear_cli_error(tmp_path, small, monkeypatch, cap
     out = tmp_path / "run"
     fail_write_of(monkeypatch, MODEL_NAME, 1, errno.EDQUOT, limit=0)
     capsys.readouterr()
-    assert main(cli_args("linprobe", data, out, enc, "--epochs", "1")) == 1
+    assert main(cli_args("linprobe", data, out, enc, "--epochs", "1")) == 2
     err = capsys.readouterr().err
     assert f"error: {out / MODEL_NAME}: could not write it (Disk quota exceeded); no file was written" in err
     assert "Traceback" not in err and load_training_state(out / CHECKPOINT_NAME)["epoch"] == 1
@@ -165,7 +165,7 @@ def test_a_damaged_training_checkpoint_is_refused_for_resume_and_eval(tmp_path, 
     for argv in (cli_args("linprobe", data, out, enc, "--epochs", "2"),
                  cli_args("linprobe", data, tmp_path / "ev", out / CHECKPOINT_NAME, "--eval")):
         capsys.readouterr()
-        assert main(argv) == 1
+        assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"error: {out / CHECKPOINT_NAME}: {message}" in err and "Traceback" not in err, err
     assert (out / CHECKPOINT_NAME).read_bytes() == bad
@@ -179,7 +179,7 @@ def test_damaged_pretrained_weights_are_refused_by_name(tmp_path, small, capsys,
 
     bad.write_bytes(damage(enc.read_bytes(), kind, read_checkpoint(enc)[0]["blocks.0.mlp.fc1.weight"]))
     capsys.readouterr()
-    assert main(cli_args("finetune", data, tmp_path / "run", bad, "--epochs", "1")) == 1
+    assert main(cli_args("finetune", data, tmp_path / "run", bad, "--epochs", "1")) == 2
     err = capsys.readouterr().err
     assert f"error: {bad}: {message}" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
@@ -206,7 +206,7 @@ def test_malicious_pickles_are_refused_everywhere_a_checkpoint_is_read(tmp_path,
              cli_args("finetune", data, tmp_path / "r5", out / CHECKPOINT_NAME, "--eval")]
     for argv in cases:
         capsys.readouterr()
-        assert main(argv) == 1, argv
+        assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "refused to load" in err and ("posix.system" in err or "allow-list" in err), (argv, err)
         assert "Traceback" not in err
@@ -323,7 +323,7 @@ def test_wrong_folder_layouts_are_errors_naming_the_folder(tmp_path, small, caps
     elif layout == "val_classes_differ":
         (data / "val" / "extra").mkdir()
     capsys.readouterr()
-    assert main(cli_args("finetune", data, tmp_path / "run", enc, "--epochs", "1")) == 1
+    assert main(cli_args("finetune", data, tmp_path / "run", enc, "--epochs", "1")) == 2
     err = capsys.readouterr().err
     assert message.format(data=data) in err and "Traceback" not in err, err
 

@@ -120,7 +120,7 @@ def test_norm_pixel_reconstruction_is_denormalized_with_true_patch_statistics(im
 def test_visualize_refuses_an_encoder_only_file(tmp_path, image_folder, tiny_config, capsys):
     result = train(tiny_config(image_folder, tmp_path / "run", epochs=1))
     image = str(next(image_folder.rglob("*.png")))
-    assert main(["visualize", str(result.encoder), image, "-o", str(tmp_path / "x.png")]) == 1
+    assert main(["visualize", str(result.encoder), image, "-o", str(tmp_path / "x.png")]) == 2
     assert "error" in capsys.readouterr().err
 
 
@@ -135,4 +135,4 @@ def test_a_bad_data_folder_is_reported_before_the_resume_checkpoint_is_read(tmp_
     broken.write_bytes(b"not a checkpoint")
     rc = main([command, "--data", str(empty), "--output", str(tmp_path / "out"), "--resume", str(broken), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert rc == 1 and str(empty) in err and "checkpoint.pth" not in err, err
+    assert rc == 2 and str(empty) in err and "checkpoint.pth" not in err, err
