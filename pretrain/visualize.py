@@ -18,7 +18,7 @@ from mae_backbone import VIT_ARCHS, CheckpointError, atomic_write, safe_torch_lo
 from pretrain.data import build_transform
 from pretrain.masking import mask_noise
 from pretrain.model import DECODER_DEFAULTS, MaskedAutoencoderViT
-from training.data import IMAGENET_MEAN, IMAGENET_STD, load_rgb, mix_seed
+from training.data import IMAGENET_MEAN, IMAGENET_STD, mix_seed, read_image
 from training.state import load_model_strict
 
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -132,9 +132,14 @@ def save_figure(fig: Image.Image, rec: Reconstruction, path: str | Path, title: 
 
 
 def load_images(paths: Sequence[str | Path], img_size: int) -> torch.Tensor:
-    """Files -> [N, 3, S, S] ImageNet-normalized (short side resized to S, center crop)."""
+    """Files -> [N, 3, S, S] ImageNet-normalized (short side resized to S, center crop).
+
+    Raises:
+        DataError: a file is missing or cannot be decoded (truncated, not an image, a decompression
+            bomb); the message names it.
+    """
     transform = build_transform("none", img_size)
-    return torch.stack([transform(load_rgb(p)) for p in paths])
+    return torch.stack([transform(read_image(p)) for p in paths])
 
 
 def infer_mae_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -147,6 +147,26 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return img.convert("RGB")
 
 
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """``load_rgb`` for an image the user named (no dataset to skip it in): whatever keeps it from
+    being decoded (missing, truncated, not an image, a decompression bomb) is a ``DataError``
+    naming the file.
+    """
+    try:
+        return load_rgb(path)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, not an image file") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... on bad files
+        reason = str(exc).replace(f"{path!s}", "").replace("''", "").strip(" :") or type(exc).__name__
+        if "truncated" in reason.lower():
+            reason = f"the file is truncated: {reason}"
+        raise DataError(f"{path}: not a readable image ({reason})") from None
+
+
 # --------------------------------------------------------------------------- order
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """One process's micro-batches of ``(index, sample_seed)`` keys for an epoch.

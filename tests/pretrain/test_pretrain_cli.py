@@ -136,3 +136,27 @@ def test_a_bad_data_folder_is_reported_before_the_resume_checkpoint_is_read(tmp_
     rc = main([command, "--data", str(empty), "--output", str(tmp_path / "out"), "--resume", str(broken), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and str(empty) in err and "checkpoint.pth" not in err, err
+
+
+def test_visualize_names_a_truncated_image_and_a_decompression_bomb(tmp_path, image_folder, trained_checkpoint,
+                                                                    capsys, monkeypatch):
+    """Bad images are one line naming the file (exit 2, no traceback); an earlier figure is kept."""
+    ckpt = trained_checkpoint("pixel")
+    good = sorted(image_folder.rglob("*.png"))[0]
+    out = tmp_path / "fig.png"
+    out.write_bytes(b"an earlier figure")
+    truncated = tmp_path / "cut.jpg"
+    Image.open(good).convert("RGB").save(tmp_path / "whole.jpg", quality=95)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (64, 64)).save(bomb)
+    for bad, words in [(truncated, "truncated"), (bomb, "decompression bomb")]:
+        if bad == bomb:  # 64x64 = 4096 pixels, over twice the limit (the good one has 1440): refused
+            monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+        capsys.readouterr()
+        assert main(["visualize", str(ckpt), str(good), str(bad), "-o", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert f"mae-transfer visualize: error: {bad}: " in captured.err and words in captured.err, captured.err
+        assert "Traceback" not in captured.err + captured.out
+        assert out.read_bytes() == b"an earlier figure"
