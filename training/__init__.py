@@ -11,7 +11,8 @@ it imports neither, nor any framework besides torch).
 - ``training.monitor``: progress bar, TensorBoard, ``log.jsonl``;
 - ``training.data``: image decoding, file lists, the reproducible epoch samplers.
 """
-from training.data import DataError, EpochBatchSampler, EvalBatchSampler, image_files, list_images, load_rgb, mix_seed, read_image
+from training.data import (DataError, EpochBatchSampler, EvalBatchSampler, image_files, list_images, load_rgb, mix_seed,
+                           read_image)
 from training.distributed import DistInfo, init_distributed
 from training.loop import Counters, EpochStats, MicroBatch, StepRecipe, TrainingDiverged, train_one_epoch
 from training.monitor import Monitor

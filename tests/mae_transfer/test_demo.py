@@ -117,6 +117,50 @@ def test_a_relative_output_folder_works_like_make_demo(tmp_path, monkeypatch):
     assert ctx.errors == {}
     assert ctx.results["pretrain"]["images"] == 320 and ctx.results["pretrain"]["epochs"] == 1
     assert (tmp_path / "demo_output" / "pretrain" / "encoder.safetensors").is_file()
+    # the pretraining stage's log holds its per-epoch line (it was empty: nothing reached the file)
+    assert "INFO training.run: epoch 1/1: loss " in (tmp_path / "demo_output" / "logs" / "pretrain.log").read_text()
+    for path in (tmp_path / "demo_output").rglob("*"):  # no colour escape in any log file written
+        if path.suffix in (".log", ".txt", ".jsonl"):
+            assert b"\x1b[" not in path.read_bytes(), path
     # again into the same folder: the finished pretraining is resumed (nothing to do), still reported
     again = run_demo("demo_output", only=["pretrain"], plan=plan, log=lambda s: None)
     assert again.errors == {} and again.results["pretrain"] == ctx.results["pretrain"]
+
+
+def _noisy(ctx: DemoContext) -> None:
+    """Logs as our trainers do (through the root logger), as a framework does (its own console
+    handler on stdout, in colour, still propagating), and prints colour codes itself."""
+    import logging
+    import sys
+
+    logging.getLogger("training.run").info("epoch 1/1: loss 0.5")
+    framework = logging.getLogger("someframework")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("\x1b[32m[%(name)s]\x1b[0m %(message)s"))
+    framework.addHandler(handler)
+    try:
+        framework.warning("framework line")
+    finally:
+        framework.removeHandler(handler)
+    print("\x1b[1;31mred\x1b[0m text")
+    sys.stderr.write("\x1b[33mwarning on stderr\x1b[0m\n")
+
+
+def test_stage_logs_hold_every_line_once_in_plain_text(tmp_path, capsys):
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stages = {"pretrain": ("MAE pretraining", _noisy, 1), "finetune": ("fine-tuning", _noisy, 1)}
+    run_demo(tmp_path, stages=stages, log=lambda s: None)
+    for key in stages:
+        text = (tmp_path / "logs" / f"{key}.log").read_text()
+        assert "\x1b[" not in text, text
+        lines = text.splitlines()
+        assert sum("training.run: epoch 1/1: loss 0.5" in line for line in lines) == 1, text
+        assert lines.count("[someframework] framework line") == 1, text
+        assert "red text" in lines and "warning on stderr" in lines
+    assert list(root.handlers) == handlers and root.level == level  # put back after each stage
+    captured = capsys.readouterr()
+    assert "epoch 1/1" not in captured.out + captured.err  # nothing of a stage on the terminal
+
