@@ -13,7 +13,6 @@ writes the table of what finished. Outputs in the output folder:
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -26,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from mae_transfer import runners
 from mae_transfer.runners import TASK_METRICS, TASKS, Arch, Backbone, DataPaths, Recipe, TaskResult, checkpoint_arch
+from mae_transfer.runners.logfile import stage_output
 from mae_transfer.reference import METHODS, lookup
 
 BASELINES = ("mae", "mocov3", "supervised")  # what ``--pretrain`` can produce (mae_transfer.baselines)
@@ -243,7 +243,7 @@ def run_bench(plan: BenchPlan, out: str | Path, log: Callable[[str], None] = pri
             cell = Cell(backbone.name, task, seed)
             t = time.perf_counter()
             try:
-                with open(run_dir / "run.log", "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                with stage_output(run_dir / "run.log"):
                     result = runner(task, backbone, plan.recipe, plan.data, seed, run_dir)
                 cell.metrics = dict(result.metrics)
             except Exception as exc:  # a failed cell is shown in the table; the others still run

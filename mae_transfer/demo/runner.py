@@ -1,98 +1,19 @@
 """The demo's stage runner: stages in order with a progress line (stage, elapsed, ETA); a failed
 stage is reported and the next one runs; the report is written also when interrupted (Ctrl-C).
 
-A stage's output goes to ``logs/KEY.log``, once and in plain text: its stdout and stderr, and the
-records of every logger that reaches the root logger (ours: pretraining's per-epoch lines), through
-one handler for the stage's time; colour codes (Detectron2's and MMEngine's console formats) are
-taken out.
+A stage's output goes to ``logs/KEY.log``, once and in plain text (``runners.logfile.stage_output``).
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import re
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Sequence
 
 from mae_transfer.demo.context import DemoContext, DemoPlan, Stages
 from mae_transfer.demo.report import write_report
 from mae_transfer.demo.stages import STAGES
-
-
-# an ANSI escape sequence (CSI: colours, cursor moves), as terminals read them
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-class PlainText(io.TextIOBase):
-    """A text stream writing to ``target`` without ANSI escape sequences; after ``close`` writes are
-    dropped (a framework's handler that outlives its stage must not write into the next stage's log
-    or fail on a closed file)."""
-
-    def __init__(self, target: TextIO):
-        super().__init__()
-        self.target: TextIO | None = target
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return False
-
-    def write(self, text: str) -> int:
-        if self.target is not None:
-            self.target.write(ANSI_ESCAPE.sub("", text))
-        return len(text)
-
-    def flush(self) -> None:
-        if self.target is not None:
-            self.target.flush()
-
-    def close(self) -> None:
-        self.flush()
-        self.target = None
-        super().close()
-
-
-class _NotHandledBelowRoot(logging.Filter):
-    """Pass a record only if no logger between its own and the root has a handler: such a logger
-    (a framework's console handler on the redirected stdout) has already written it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        log: logging.Logger | None = logging.getLogger(record.name)
-        root = logging.getLogger()
-        while log is not None and log is not root:
-            if log.handlers:
-                return False
-            log = log.parent
-        return True
-
-
-@contextlib.contextmanager
-def stage_output(path: Path) -> Iterator[TextIO]:
-    """Everything a stage prints or logs goes to ``path`` (plain text, each record once): stdout and
-    stderr are redirected, and the root logger has exactly one handler, on that file, at INFO."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    with open(path, "w") as f, PlainText(f) as stream:
-        handler = logging.StreamHandler(stream)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        handler.addFilter(_NotHandledBelowRoot())
-        for h in saved_handlers:
-            root.removeHandler(h)
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        try:
-            with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):  # type: ignore[type-var]
-                yield stream  # type: ignore[misc]
-        finally:
-            root.removeHandler(handler)
-            for h in saved_handlers:
-                root.addHandler(h)
-            root.setLevel(saved_level)
+from mae_transfer.runners.logfile import stage_output
 
 
 def run_stages(keys: Sequence[str], stages: dict[str, tuple[str, Callable[[Any], None], float]], state: Any,

@@ -186,3 +186,18 @@ def test_pretrain_produces_the_three_controlled_baselines_with_one_budget(tiny_d
         assert not torch.equal(sd["blocks.0.attn.qkv.weight"], fresh["blocks.0.attn.qkv.weight"])
     with pytest.raises(ValueError, match="known methods"):
         pretrain_baselines(["simclr"], tiny_data / "classification", tmp_path, recipe, epochs=1)
+
+
+def test_a_cells_run_log_holds_its_lines_once_in_plain_text(tmp_path):
+    """Each cell's ``run.log``: our loggers' lines (the trainers' per-epoch lines) once, no colour codes."""
+    import logging
+
+    def runner(task, backbone, recipe, data, seed, out):
+        logging.getLogger("training.run").info("epoch 1/1: loss 0.5")
+        print("\x1b[32mgreen\x1b[0m done")
+        return TaskResult({"AP box": 1.0, "AP mask": 1.0})
+
+    run_bench(_plan(["a"], seeds=(0,)), tmp_path, log=lambda s: None, runner=runner)
+    text = (tmp_path / "runs" / "a" / "detect" / "seed0" / "run.log").read_text()
+    assert "\x1b[" not in text and "green done" in text
+    assert sum("training.run: epoch 1/1: loss 0.5" in line for line in text.splitlines()) == 1, text
