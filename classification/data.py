@@ -17,6 +17,8 @@ class folder without a single image file is an error.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +32,13 @@ from torch.utils.data import Dataset
 from training.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError, image_files, load_rgb
 
 Transform = Callable[[Image.Image], torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- folders
 def find_classes(root: str | Path) -> list[str]:
-    """The class names of a class folder: its sorted sub-folder names.
+    """The class names of a class folder: its sorted sub-folder names (a symlink back to the folder
+    itself, or to one that holds it, is a cycle and not a class: skipped with a warning).
 
     Raises:
         DataError: the folder does not exist or has no sub-folder.
@@ -42,7 +46,15 @@ def find_classes(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder (expected one sub-folder per class)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    real_root = Path(os.path.realpath(root))
+    classes, loops = [], []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and not d.name.startswith("."):
+            real = Path(os.path.realpath(d))
+            # a link back to the folder (or one that holds it) is a cycle, not a class
+            (loops if real == real_root or real in real_root.parents else classes).append(d.name)
+    if loops:
+        logger.warning("%s: not classes, links back to the folder itself (symlink cycles): %s", root, _abbrev(loops))
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
     return classes

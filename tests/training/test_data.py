@@ -55,3 +55,11 @@ def test_class_folders_with_a_symlink_cycle_count_each_image_once_per_class(tmp_
     # them), but never twice and never through the cycles
     assert per_class == [8, 16], per_class
     assert len({(os.path.realpath(p), t) for p, t in samples}) == len(samples) == 24
+
+
+def test_a_class_folder_that_links_back_to_the_root_is_not_a_class(tmp_path, caplog):
+    root = cyclic_folder(tmp_path / "train")
+    os.symlink(".", root / "loop")
+    with caplog.at_level(logging.WARNING, logger="classification.data"):
+        assert find_classes(root) == ["class0", "class1"]
+    assert "loop" in caplog.text and "symlink cycles" in caplog.text
