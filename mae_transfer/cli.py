@@ -120,6 +120,10 @@ def resume_hint(argv: Sequence[str], checkpoint: str | os.PathLike | None) -> st
     return shlex.join([*kept, "--resume", str(checkpoint)])
 
 
+# the ``dest`` of commands' own sub-commands (``data sample``, ``detect eval``, ``segment test``)
+ACTION_DESTS = ("data_command", "action", "segment_command")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run one command, and be the one error boundary of every command.
 
@@ -133,18 +137,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         _unrecognized(parser, args.command, unknown)
     command_words = [a for a in argv if a != "--debug"]
+    name = " ".join([args.command, *(str(getattr(args, d)) for d in ACTION_DESTS if getattr(args, d, None))])
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
         if args.debug:
             raise
         hint = resume_hint(command_words, getattr(exc, "resume_checkpoint", None))
-        print(f"\nmae-transfer {args.command}: interrupted; resume with: {hint}",
+        print(f"\nmae-transfer {name}: interrupted; resume with: {hint}",
               file=sys.stderr)
         return 130
     except Exception as exc:
         message = user_error_message(exc)
         if message is None or args.debug:
             raise
-        print(f"mae-transfer {args.command}: error: {message}", file=sys.stderr)
+        print(f"mae-transfer {name}: error: {message}", file=sys.stderr)
         return 2

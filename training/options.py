@@ -17,10 +17,21 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 from training.precision import PRECISIONS
+
+
+def default_num_workers(cap: int = 8) -> int:
+    """Data-loading workers by default: the CPUs this process may run on (as torch's DataLoader counts
+    them, so it does not warn), at most ``cap``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cap, cpus))
 
 
 def option(help: str, *, default: Any, **meta: Any) -> Any:
@@ -212,7 +223,8 @@ class RunOptions(Options):
 
     precision: str = option("auto = bf16 on a GPU that has it, else fp32; fp16 uses a grad scaler",
                             default="auto", choices=PRECISIONS)
-    num_workers: int = option("data-loading processes per training process", default=8)
+    num_workers: int = option("data-loading processes per training process (default: the CPUs this process "
+                              "may use, at most 8)", default=default_num_workers())
     device: str = option("auto, cpu, cuda", default="auto", choices=("auto", "cpu", "cuda"))
     dist_backend: str = option("torch.distributed backend: auto = nccl with CUDA, else gloo", default="auto")
     tensorboard: bool = option("write TensorBoard scalars", default=True)

@@ -27,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"mae-transfer bench: error: {msg}", file=sys.stderr)
         return 2
 
-    out = Path(args.output).absolute()
+    from mae_transfer.errors import check_output_dir
+
+    out = check_output_dir(Path(args.output).absolute(), "--output")
     try:
         tasks = _csv(args.tasks)
         for t in tasks:

@@ -13,7 +13,21 @@ def run(args: argparse.Namespace) -> int:
     from mae_backbone.checkpoint import read_checkpoint, write_checkpoint
     from mae_backbone.vit import VIT_ARCHS
 
+    from mae_transfer.errors import UserError, check_output_dir, check_output_file
+
+    if args.to == "hf":
+        check_output_dir(args.dst, "output folder (--to hf)")
+    else:
+        check_output_file(args.dst, "output file")
     sd, meta = read_checkpoint(args.src, args.src_format)
+    unknown = unknown_keys(sd)
+    if unknown and args.src_format == "auto":
+        raise UserError(
+            f"{args.src}: read as {meta['format']!r}, but {len(unknown)} of its {len(sd)} tensors are not ViT "
+            f"encoder keys: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}; nothing was written. "
+            f"If the format is right, name it with --from {meta['format']} to convert the file as it is")
+    for key in unknown:
+        print(f"note: {key} is not a ViT encoder key; written unchanged")
     for note in meta.get("notes", []):
         print(f"note: {note}")
     out_meta = {k: v for k, v in meta.items() if k not in ("notes", "format", "path", "source", "hf_config")}
@@ -31,6 +45,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: the {args.to!r} layout does not carry {len(dropped)} tensors (reading {dst} back leaves them "
               f"out): {', '.join(dropped)}")
     return 0
+
+
+def unknown_keys(sd: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of ``sd`` (our layout) that no ``mae_backbone`` ViT has, sorted."""
+    import re
+
+    known = _vit_key_patterns()
+    return sorted(k for k in sd if re.sub(r"^blocks\.\d+\.", "blocks.N.", k) not in known)
+
+
+def _vit_key_patterns() -> set[str]:
+    """Every state-dict key a ``VisionTransformer`` can have (block index as ``N``): the keys of tiny
+    models with each option that adds tensors (relative positions, layer scale, pooling, head)."""
+    import re
+
+    from mae_backbone.vit import VisionTransformer
+
+    keys: set[str] = set()
+    for options in (dict(rel_pos="decomposed", window_size=2, global_blocks=[1]),
+                    dict(rel_pos="beit", init_values=0.1), dict(global_pool=True, num_classes=2)):
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=8, depth=2, num_heads=2, **options)
+        keys |= {re.sub(r"^blocks\.\d+\.", "blocks.N.", k) for k in model.state_dict()}
+    return keys
 
 
 def check_written(sd: dict[str, torch.Tensor], dst: Path, fmt: str) -> list[str]:

@@ -6,8 +6,10 @@ import time
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from mae_transfer.errors import check_output_dir
     from mae_transfer.sample_data import write_sample_data
 
+    check_output_dir(args.out, "output folder")
     t = time.perf_counter()
     summary = write_sample_data(args.out, seed=args.seed)
     print(f"wrote sample data to {args.out} in {time.perf_counter() - t:.1f} s: "

@@ -6,7 +6,9 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     from mae_transfer.demo import run_demo
+    from mae_transfer.errors import check_output_dir
 
+    check_output_dir(args.output, "--output")
     ctx = run_demo(args.output, quick=args.quick, seed=args.seed, only=args.only)
     return 1 if ctx.errors else 0
 
