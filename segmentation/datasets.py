@@ -27,6 +27,7 @@ import os
 import os.path as osp
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -144,6 +145,38 @@ def check_images(pairs: Sequence[tuple[str, str | None]], workers: int | None = 
         raise DatasetError(f"{len(found)} of {len(pairs)} images are unusable: {'; '.join(found[:10])}{more}")
 
 
+def check_no_symlink_cycle(folder: str) -> None:
+    """Raise ``DatasetError`` naming a symlink under ``folder`` that leads back to a folder above it.
+
+    MMEngine lists dataset folders recursively following links: a cycle lists every image many
+    times over, until the path is too long (``OSError: Too many levels of symbolic links``).
+    """
+    def walk(path: str, ancestors: set[tuple[int, int]]) -> None:
+        try:
+            entries = list(os.scandir(path))
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot be listed ({exc.strerror or exc})") from None
+        for entry in entries:
+            try:
+                if not entry.is_dir():  # follows links; a link to itself is neither file nor folder
+                    continue
+                st = os.stat(entry.path)
+            except OSError as exc:
+                raise DatasetError(f"{entry.path}: {exc.strerror or exc}") from None
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                parts = Path(osp.relpath(entry.path, folder)).parts
+                link = next((osp.join(folder, *parts[:i + 1]) for i in range(len(parts))
+                             if osp.islink(osp.join(folder, *parts[:i + 1]))), entry.path)
+                raise DatasetError(f"{link}: a symlink loop ({entry.path} leads back to {osp.realpath(entry.path)}, "
+                                   "a folder above it); remove the link")
+            walk(entry.path, ancestors | {key})
+
+    if osp.isdir(folder):
+        st = os.stat(folder)
+        walk(folder, {(st.st_dev, st.st_ino)})
+
+
 class _CheckedLayout:
     """Mixin for ``BaseSegDataset`` subclasses: check folders and label maps in ``load_data_list``."""
 
@@ -161,7 +194,13 @@ class _CheckedLayout:
                     f"{name}: the {what} folder {folder} does not exist (data_root={self.data_root!r}); "
                     "expected the ADEChallengeData2016 layout: images/{training,validation}/*.jpg and "
                     "annotations/{training,validation}/*.png")
-        data_list = super().load_data_list()
+        for folder in (img_dir, ann_dir):
+            if folder:
+                check_no_symlink_cycle(folder)
+        try:
+            data_list = super().load_data_list()
+        except OSError as exc:
+            raise DatasetError(f"{name}: cannot list {exc.filename or img_dir}: {exc.strerror or exc}") from None
         if not data_list:
             raise DatasetError(f"{name}: no '*{self.img_suffix}' images in {img_dir}")
         if ann_dir:
@@ -177,6 +216,21 @@ class _CheckedLayout:
                 print_log(f"{name}: {len(seg_maps)} images and label maps in {ann_dir} checked in "
                           f"{time.perf_counter() - start:.1f} s", logger="current")
         return data_list
+
+    def prepare_data(self, idx: int) -> Any:
+        """MMSeg's pipeline on one sample; a failure to read or transform it (MMCV's
+        ``AssertionError: failed to load image``, a ``TypeError`` deep in a transform) is a
+        ``DatasetError`` naming the files."""
+        try:
+            return super().prepare_data(idx)
+        except DatasetError:
+            raise
+        except (AssertionError, TypeError, ValueError, OSError, IndexError, Image.DecompressionBombError) as exc:
+            info = self.get_data_info(idx)
+            files = " / ".join(str(info[k]) for k in ("img_path", "seg_map_path") if info.get(k))
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise DatasetError(f"{files}: cannot be loaded ({type(exc).__name__}: {first}); "
+                               "replace or remove the file") from exc
 
     def _raw_num_classes(self) -> int:
         """Classes the files are written in: the original ones when a ``label_map`` remaps them."""

@@ -58,8 +58,7 @@ def load_config(path: str | os.PathLike, options: Sequence[str] | dict[str, Any]
     """
     import segmentation  # noqa: F401  (registers our modules for configs that do not import them)
 
-    if not osp.isfile(path):
-        raise ConfigError(f"no such config file: {path}")
+    path = config_file(path)
     cfg = Config.fromfile(str(path))
     opts = options if isinstance(options, dict) else parse_options(options)
     known = known_top_level_keys(cfg)
@@ -70,7 +69,120 @@ def load_config(path: str | os.PathLike, options: Sequence[str] | dict[str, Any]
     if opts:
         cfg.merge_from_dict(opts)
     check_model_keys(cfg.get("model"), str(path))
+    check_runtime_keys(cfg, str(path))
     return cfg
+
+
+def list_configs() -> list[str]:
+    """The shipped config names (``segmentation/configs/*.py``, without ``_base_``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+
+
+def config_file(name: str | os.PathLike) -> Path:
+    """A config path: an existing file as given, else a shipped one by name (with or without ``.py``).
+
+    ``config_file("upernet-mae-vit-b_8xb2-160k_ade20k-512x512")`` -> ``.../segmentation/configs/...py``.
+
+    Raises:
+        ConfigError: neither a file nor a shipped name, with the closest shipped name.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.py"):
+        if len(path.parts) == 1 and candidate.is_file():
+            return candidate
+    shipped = list_configs()
+    stem = path.name[:-3] if path.name.endswith(".py") else path.name
+    raise ConfigError(f"{name}: no such config file, nor a shipped one{did_you_mean(stem, shipped)} "
+                      f"(shipped: {', '.join(shipped)})")
+
+
+def _check_typed(node: Any, where: str, cls: Any, source: str, allowed: Sequence[str] = ()) -> None:
+    """Every key of the dict ``node`` (built as ``cls``) is one of ``cls``'s arguments or ``allowed``."""
+    if not isinstance(node, dict) or not isinstance(cls, type):
+        return
+    known = init_params(cls)
+    if known is None:  # takes **kwargs all the way up: nothing to check against
+        return
+    known = known | set(allowed)
+    for key in node:
+        if key not in ("type", "_scope_", "_delete_") and key not in known:
+            raise ConfigError(f"{source}: unknown key {f'{where}.{key}'!r}: {cls.__name__} has no argument "
+                              f"{key!r}{did_you_mean(key, known)}")
+
+
+def _registered(registry: Any, node: Any, default: str | None = None) -> Any:
+    kind = node.get("type", default) if isinstance(node, dict) else None
+    return kind if isinstance(kind, type) else registry.get(kind) if isinstance(kind, str) else None
+
+
+def check_runtime_keys(cfg: Config, source: str = "config") -> None:
+    """The keys of the dicts MMEngine builds besides the model: loops (``train_cfg``), optimizer
+    wrapper, optimizer and ``paramwise_cfg``, schedulers, hooks, dataloaders and datasets,
+    evaluators; and every dataloader's ``batch_size`` / ``num_workers``.
+
+    MMEngine would fail deep in the build (``TypeError: ... unexpected keyword 'max_iter'``) or,
+    for ``paramwise_cfg``, ignore the key.  Classes taking ``**kwargs`` are not checked.
+
+    Raises:
+        ConfigError: naming the file, the dotted key and the closest valid argument or value.
+    """
+    import torch.utils.data
+    from mmseg.registry import (DATASETS, HOOKS, LOOPS, METRICS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS,
+                                OPTIMIZERS, PARAM_SCHEDULERS)
+
+    loop_default = {"train_cfg": None, "val_cfg": "ValLoop", "test_cfg": "TestLoop"}
+    for key, default in loop_default.items():
+        loop = cfg.get(key)
+        if isinstance(loop, dict):
+            if default is None and "type" not in loop:
+                default = "EpochBasedTrainLoop" if loop.get("by_epoch") else "IterBasedTrainLoop"
+            _check_typed(loop, key, _registered(LOOPS, loop, default), source, allowed=("by_epoch",))
+    wrapper = cfg.get("optim_wrapper")
+    if isinstance(wrapper, dict):
+        _check_typed(wrapper, "optim_wrapper", _registered(OPTIM_WRAPPERS, wrapper, "OptimWrapper"), source,
+                     allowed=("optimizer", "constructor", "paramwise_cfg"))
+        _check_typed(wrapper.get("optimizer"), "optim_wrapper.optimizer",
+                     _registered(OPTIMIZERS, wrapper.get("optimizer")), source)
+        constructor = OPTIM_WRAPPER_CONSTRUCTORS.get(wrapper.get("constructor", "DefaultOptimWrapperConstructor")) \
+            if isinstance(wrapper.get("constructor", ""), str) else wrapper.get("constructor")
+        paramwise, keys = wrapper.get("paramwise_cfg"), getattr(constructor, "PARAMWISE_KEYS", None)
+        if isinstance(paramwise, dict) and keys is not None:
+            for k in paramwise:
+                if k not in keys:
+                    raise ConfigError(f"{source}: unknown key {f'optim_wrapper.paramwise_cfg.{k}'!r}: "
+                                      f"{constructor.__name__} reads {sorted(keys)}{did_you_mean(k, keys)}")
+    schedulers = cfg.get("param_scheduler")
+    for i, sched in enumerate(schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]):
+        where = f"param_scheduler[{i}]" if isinstance(schedulers, (list, tuple)) else "param_scheduler"
+        _check_typed(sched, where, _registered(PARAM_SCHEDULERS, sched), source, allowed=("convert_to_iter_based",))
+    for name, hook in (cfg.get("default_hooks") or {}).items():
+        _check_typed(hook, f"default_hooks.{name}", _registered(HOOKS, hook), source)
+    for i, hook in enumerate(cfg.get("custom_hooks") or []):
+        _check_typed(hook, f"custom_hooks[{i}]", _registered(HOOKS, hook), source)
+    loader_keys = set(inspect.signature(torch.utils.data.DataLoader.__init__).parameters) - {"self"}
+    for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = cfg.get(name)
+        if not isinstance(loader, dict):
+            continue
+        for k in loader:
+            if k not in loader_keys:
+                raise ConfigError(f"{source}: unknown key {f'{name}.{k}'!r}: a dataloader has no argument "
+                                  f"{k!r}{did_you_mean(k, loader_keys)}")
+        for k, low in (("batch_size", 1), ("num_workers", 0)):
+            value = loader.get(k)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"{source}: {name}.{k} must be an integer >= {low}, got {value!r}")
+        ds, where = loader.get("dataset"), f"{name}.dataset"
+        while isinstance(ds, dict):  # through wrappers such as RepeatDataset
+            _check_typed(ds, where, _registered(DATASETS, ds), source)
+            ds, where = ds.get("dataset"), f"{where}.dataset"
+    for name in ("val_evaluator", "test_evaluator"):
+        ev = cfg.get(name)
+        for i, metric in enumerate(ev if isinstance(ev, (list, tuple)) else [ev]):
+            _check_typed(metric, name if not isinstance(ev, (list, tuple)) else f"{name}[{i}]",
+                         _registered(METRICS, metric), source)
 
 
 def check_model_keys(model: Any, source: str = "config") -> None:
@@ -203,7 +315,18 @@ def resume_checkpoint(work_dir: str | os.PathLike) -> str | None:
         print_log(f"removed {stale}, left by an interrupted checkpoint write", logger="current")
     tag = work_dir / "last_checkpoint"
     named = tag.read_text().strip() if tag.is_file() else ""
-    if named and osp.isfile(named):
+    if named:
+        # MMEngine writes an absolute path: a copied or moved work dir would resume from the
+        # original folder. A file of that name in this work dir (or a relative name) is used instead.
+        here = work_dir / named if not osp.isabs(named) else work_dir / Path(named).name
+        if here.is_file():
+            if osp.isabs(named) and osp.realpath(named) != osp.realpath(here):
+                print_log(f"{tag} names {named}, outside this work dir: resuming from {here}", logger="current",
+                          level=30)
+            return str(here)
+    if named and osp.isfile(named) and not found_in(work_dir):
+        print_log(f"{tag} names {named}, outside this work dir, which has no checkpoint: resuming from it",
+                  logger="current", level=30)
         return named
     found = []
     for f in work_dir.glob("*.pth"):
@@ -217,10 +340,16 @@ def resume_checkpoint(work_dir: str | os.PathLike) -> str | None:
         return None
     newest = max(found)[1]
     if tag.is_file():
-        print_log(f"{tag} is {'empty' if not named else 'naming a missing file ' + repr(named)} (the run was "
-                  f"probably killed while writing it): resuming from the newest checkpoint {newest}",
-                  logger="current", level=30)
+        why = ("is empty (the run was probably killed while writing it)" if not named else
+               f"names {named}, outside this work dir" if osp.isfile(named) else
+               f"names a missing file {named!r} (the run was probably killed while writing it)")
+        print_log(f"{tag} {why}: resuming from the newest checkpoint here, {newest}", logger="current", level=30)
     return newest
+
+
+def found_in(work_dir: Path) -> bool:
+    """Whether ``work_dir`` holds an ``iter_*.pth`` / ``epoch_*.pth`` checkpoint."""
+    return any(work_dir.glob("iter_*.pth")) or any(work_dir.glob("epoch_*.pth"))
 
 
 def _sync_bn_to_bn(node: Any) -> int:
@@ -371,6 +500,24 @@ def dataset_meta(checkpoint: dict, model: Any) -> dict[str, Any]:
     return {"classes": get_classes(name), "palette": get_palette(name)}
 
 
+def read_image(path: str) -> np.ndarray:
+    """An image as MMSeg's ``LoadImageFromFile`` reads it (OpenCV, 8-bit BGR).
+
+    Raises:
+        DatasetError: naming the file: empty, not an image, too many pixels, or cut short.
+    """
+    import mmcv
+
+    from segmentation.datasets import DatasetError, image_size
+
+    image_size(path)  # the header: empty file, not an image, decompression bomb
+    bgr = mmcv.imread(path)
+    if bgr is None:
+        raise DatasetError(f"{path}: not a readable image (its header is fine but the pixels cannot be decoded: "
+                           "the file is probably cut short)")
+    return bgr
+
+
 @dataclass
 class InferResult:
     """Class index per pixel [H, W] and the share of pixels per predicted class (%)."""
@@ -391,7 +538,6 @@ def infer(cfg: Config, checkpoint: str, image: str, out: str, device: str | None
         device: ``cuda:0`` when available, else ``cpu``, by default.
         opacity: weight of the class colours in the blend.
     """
-    import mmcv
     import torch
     from mmseg.apis import inference_model, init_model
     from PIL import Image
@@ -404,13 +550,14 @@ def infer(cfg: Config, checkpoint: str, image: str, out: str, device: str | None
             raise ConfigError(f"no such {what} file: {path}")
     if not 0.0 <= opacity <= 1.0:
         raise ConfigError(f"opacity must be in [0, 1], got {opacity}")
+    read_image(image)  # a bad image is refused before the model is built
     state = safe_torch_load(checkpoint)  # weights_only, sha256 verified when the file has one
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     model = init_model(cfg, None, device="cpu")  # MMSeg's loader is not strict: load it ourselves
     load_segmentor_state(model, state, str(checkpoint))
     model.dataset_meta = dataset_meta(state, model)
     model.to(device)
-    bgr = mmcv.imread(image)  # as MMSeg's pipeline reads it; passed as an array, read once
+    bgr = read_image(image)  # as MMSeg's pipeline reads it; passed as an array, read once
     result = inference_model(model, bgr)
     pred = result.pred_sem_seg.data[0].cpu().numpy().astype(np.int64)
     classes = list(model.dataset_meta["classes"])

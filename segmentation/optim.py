@@ -54,6 +54,8 @@ class ViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     other key is an error rather than silently ignored.
     """
 
+    PARAMWISE_KEYS = tuple(_KEYS)  # checked by segmentation.engine.load_config, with a suggestion
+
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None):
         paramwise_cfg = dict(paramwise_cfg or {})
         unknown = sorted(set(paramwise_cfg) - set(_KEYS))

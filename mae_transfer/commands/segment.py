@@ -8,24 +8,31 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import sys
-
-
-def _fail(action: str, exc: BaseException) -> int:
-    print(f"mae-transfer segment {action}: error: {exc}", file=sys.stderr)
-    return 2
 
 
 def _load(args: argparse.Namespace):
-    from segmentation.engine import load_config, prepare, set_data_root
+    from mae_transfer.errors import check_output_dir
+    from segmentation.engine import ConfigError, load_config, prepare, set_data_root
 
     cfg = load_config(args.config, args.cfg_options)
     if getattr(args, "data_root", None):
         set_data_root(cfg, args.data_root)
-    return prepare(cfg, work_dir=args.work_dir, launcher=getattr(args, "launcher", None), config_path=args.config)
+    work_dir = args.work_dir
+    if not work_dir and not cfg.get("work_dir"):
+        if args.segment_command == "train":  # nothing is written to the current folder unasked
+            raise ConfigError("give --work-dir (the folder for checkpoints and logs), e.g. --work-dir "
+                              f"work_dirs/{os.path.splitext(os.path.basename(args.config))[0]}")
+        work_dir = os.path.dirname(os.path.abspath(args.checkpoint))  # test logs beside the checkpoint
+    cfg = prepare(cfg, work_dir=work_dir, launcher=getattr(args, "launcher", None), config_path=args.config)
+    check_output_dir(cfg.work_dir, "--work-dir" if args.work_dir else "work dir")  # before any work
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the action; errors go to ``mae_transfer.cli.main``'s boundary (one line, exit 2; ``--debug``:
+    the traceback). Translated here: a refused pickle (into ``CheckpointError``), a non-finite loss
+    (``training.TrainingDiverged``), and an error raised in a DataLoader worker (torch re-raises it
+    with the worker's traceback inside the message: only its last line is kept)."""
     from mae_backbone.io import CheckpointError
     from segmentation.datasets import DatasetError
     from segmentation.engine import ConfigError
@@ -33,14 +40,21 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return _ACTIONS[args.segment_command](args)
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as exc:
-        return _fail(args.segment_command, exc)
+    except (ConfigError, DatasetError, CheckpointError) as exc:
+        message = str(exc)
+        if message.startswith("Caught ") and "Original Traceback" in message:  # from a DataLoader worker
+            raise type(exc)(message.strip().splitlines()[-1].split(": ", 1)[-1]) from exc
+        raise
+    except NonFiniteLossError as exc:
+        from training.loop import TrainingDiverged
+
+        raise TrainingDiverged(str(exc)) from exc
     except pickle.UnpicklingError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return _fail(args.segment_command, RuntimeError(
+        raise CheckpointError(
             f"refused to load a checkpoint that asks to construct Python objects ({first}). Only tensors and "
             "plain data are loaded (torch weights_only); checkpoints written by our configs "
-            "(SafeCheckpointHook) load as they are; re-save other files' state_dict."))
+            "(SafeCheckpointHook) load as they are; re-save other files' state_dict.") from exc
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -67,8 +81,10 @@ def run_test(args: argparse.Namespace) -> int:
 
 
 def run_infer(args: argparse.Namespace) -> int:
+    from mae_transfer.errors import check_output_file
     from segmentation.engine import infer, load_config
 
+    check_output_file(args.out, "--out")
     cfg = load_config(args.config, args.cfg_options)
     result = infer(cfg, args.checkpoint, args.image, args.out, device=args.device, opacity=args.opacity)
     top = ", ".join(f"{name} {share:.1f}%" for name, share in list(result.shares.items())[:5])
@@ -80,7 +96,8 @@ _ACTIONS = {"train": run_train, "test": run_test, "infer": run_infer}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="an MMSeg config (e.g. segmentation/configs/upernet-mae-vit-b_8xb2-160k_ade20k-512x512.py)")
+    p.add_argument("config", help="an MMSeg config file, or a shipped config's name "
+                                  "(e.g. upernet-mae-vit-b_8xb2-160k_ade20k-512x512)")
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -100,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = actions.add_parser("train", help="train (MMEngine Runner: checkpoints, resume, TensorBoard logs)")
     _common(t)
-    t.add_argument("--work-dir", help="checkpoints and logs (default work_dirs/<config name>)")
+    t.add_argument("--work-dir", help="checkpoints and logs (required unless the config sets work_dir)")
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="resume from the latest checkpoint in the work dir, or from CKPT")
     t.add_argument("--amp", nargs="?", const="float16", default=None, choices=("float16", "bfloat16"),
@@ -113,7 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = actions.add_parser("test", help="evaluate a checkpoint: mIoU, mAcc, aAcc and the per-class IoU table")
     _common(e)
     e.add_argument("checkpoint", help="a model checkpoint written by `segment train`")
-    e.add_argument("--work-dir", help="logs (default work_dirs/<config name>)")
+    e.add_argument("--work-dir", help="logs (default: the checkpoint's folder, as training's logs)")
     e.add_argument("--data-root", help="a dataset folder in the ADEChallengeData2016 layout")
     e.add_argument("--launcher", choices=("none", "pytorch", "slurm", "mpi"), default=None)
     _options(e)

@@ -394,12 +394,14 @@ def test_a_non_finite_loss_stops_training_before_any_checkpoint_of_it(tiny_confi
 
 
 def test_an_image_cut_after_its_header_fails_loading_naming_the_file(tmp_path):
-    """The header passes the dataset's check; MMCV's loader names the file when decoding fails."""
+    """The header passes the dataset's check; MMCV's loader fails when decoding (an
+    ``AssertionError``), which the dataset reports as a ``DatasetError`` naming the file."""
     root = _layout(tmp_path)
     image = root / "images" / "training" / "img_000.jpg"
     image.write_bytes(image.read_bytes()[: image.stat().st_size * 9 // 10])
     ds = _dataset(root, pipeline=[dict(type="LoadImageFromFile")])
-    with pytest.raises(AssertionError, match=re.escape(f"failed to load image: {image}")):
+    with pytest.raises(DatasetError, match=re.escape(f"{image} / ") + ".*cannot be loaded "
+                       + re.escape(f"(AssertionError: failed to load image: {image})")):
         ds.prepare_data(0)
 
 
