@@ -36,7 +36,7 @@ from mae_backbone import CheckpointError, UnsafeCheckpointError, VisionTransform
 from mae_backbone.io import add_checksum, atomic_write
 from mae_backbone.checkpoint import REL_POS_KEYS, LoadReport, fit_model_state, load_checkpoint
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"detectron2.{__name__}")  # shown by Detectron2's setup_logger()
 
 # Encoder keys the detection ViT has no use for (see ``detection.backbone.prepare_vit``):
 # - cls_token: window attention cannot carry a class token and ViTDet drops it (its slot in

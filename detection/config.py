@@ -226,8 +226,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
             if leaf not in node and "_target_" not in node:
                 raise ConfigError(f"{path.name}: no config key {key!r} to override"
                                   f"{did_you_mean(leaf, [str(k) for k in node.keys()])}")
+        before = {item.split("=", 1)[0].lstrip("+"): _select(cfg, item.split("=", 1)[0].lstrip("+"))
+                  for item in overrides}
         cfg = LazyConfig.apply_overrides(cfg, list(overrides))
         check_lazy_config(cfg, f"{path.name} with overrides")
+        _check_override_types(cfg, before, path.name)
+        check_lazy_values(cfg, f"{path.name} with overrides" if overrides else str(path))
         return cfg
     if path.suffix in (".yaml", ".yml"):
         cfg = add_vit_config(get_cfg())
@@ -240,8 +244,91 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
                 merge(arg)
             except (KeyError, AssertionError) as exc:  # yacs: "Non-existent (config) key: SOLVER.MAX_ITERS"
                 raise ConfigError(f"{path}{what}: {_yacs_hint(cfg, exc)}") from None
+            except ValueError as exc:  # yacs: "Type mismatch (<class 'int'> vs. <class 'str'>) ... key: SOLVER.MAX_ITER"
+                raise ConfigError(f"{path}{what}: {exc}") from None
+        check_yacs_values(cfg, str(path))
         return cfg
     raise ConfigError(f"{path}: a config must be a LazyConfig .py or a yacs .yaml file")
+
+
+# value types of the keys the training loop, the data loaders and the optimizer read, checked after the
+# overrides so that ``train.max_iter=abc`` or ``dataloader.train.total_batch_size=0`` is a ConfigError
+# naming the key before any work starts (not a TypeError deep in a scheduler): key -> (types, minimum)
+_INT, _NUMBER, _BOOL = (int,), (int, float), (bool,)
+LAZY_VALUE_TYPES: dict[str, tuple[tuple[type, ...], float | None]] = {
+    "train.max_iter": (_INT, 1), "train.eval_period": (_INT, 0), "train.log_period": (_INT, 1),
+    "train.checkpointer.period": (_INT, 1), "train.checkpointer.max_to_keep": (_INT, 1), "train.seed": (_INT, None),
+    "train.amp.enabled": (_BOOL, None), "train.cudnn_benchmark": (_BOOL, None),
+    "dataloader.train.total_batch_size": (_INT, 1), "dataloader.train.num_workers": (_INT, 0),
+    "dataloader.test.num_workers": (_INT, 0), "dataloader.test.batch_size": (_INT, 1),
+    "optimizer.lr": (_NUMBER, 0), "optimizer.weight_decay": (_NUMBER, 0), "optimizer.momentum": (_NUMBER, 0),
+    "optimizer.params.layer_decay": (_NUMBER, 0), "optimizer.params.weight_decay_norm": (_NUMBER, 0),
+    "lr_multiplier.warmup_iters": (_NUMBER, 0),  # ViTDet's ViT-H recipe scales it to a fraction
+}
+NONE_ALLOWED = {"train.checkpointer.max_to_keep",  # fvcore: keep every checkpoint
+                "optimizer.params.weight_decay_norm"}  # get_vit_param_groups: norms decay like weights
+YACS_VALUE_TYPES: dict[str, tuple[tuple[type, ...], float | None]] = {
+    "SOLVER.MAX_ITER": (_INT, 1), "SOLVER.IMS_PER_BATCH": (_INT, 1), "SOLVER.CHECKPOINT_PERIOD": (_INT, 1),
+    "TEST.EVAL_PERIOD": (_INT, 0), "DATALOADER.NUM_WORKERS": (_INT, 0), "SOLVER.BASE_LR": (_NUMBER, 0),
+}
+
+
+def _type_words(types: tuple[type, ...]) -> str:
+    return {_INT: "an integer", _NUMBER: "a number", _BOOL: "True or False"}.get(types, " or ".join(t.__name__ for t in types))
+
+
+def _check_value(key: str, value: Any, types: tuple[type, ...], minimum: float | None, source: str) -> None:
+    if value is None and key in NONE_ALLOWED:
+        return
+    is_bool = isinstance(value, bool)
+    if (is_bool and bool not in types) or not isinstance(value, types):
+        raise ConfigError(f"{source}: {key} must be {_type_words(types)}, not {value!r}")
+    if minimum is not None and not is_bool and value < minimum:
+        raise ConfigError(f"{source}: {key} must be at least {minimum:g}, not {value!r}")
+
+
+def check_lazy_values(cfg: Any, source: str = "config") -> None:
+    """The value types (and least values) of the keys in ``LAZY_VALUE_TYPES`` that the config has.
+
+    Raises:
+        ConfigError: naming ``source``, the key, the expected type and the value.
+    """
+    from omegaconf import OmegaConf
+
+    for key, (types, minimum) in LAZY_VALUE_TYPES.items():
+        parent, _, leaf = key.rpartition(".")
+        node = _select(cfg, parent)
+        if not isinstance(node, DictConfig) or leaf not in node:
+            continue
+        try:
+            value = OmegaConf.select(cfg, key)
+        except Exception as exc:  # an interpolation that does not resolve (${..lr} to a missing key)
+            raise ConfigError(f"{source}: {key} cannot be resolved: {exc}".splitlines()[0]) from None
+        _check_value(key, value, types, minimum, source)
+
+
+def check_yacs_values(cfg: CfgNode, source: str = "config") -> None:
+    """``YACS_VALUE_TYPES`` for a yacs config (yacs itself checks an override's type against the
+    default's, but not least values such as a batch of 0)."""
+    for key, (types, minimum) in YACS_VALUE_TYPES.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, CfgNode) else None
+        if node is not None:
+            _check_value(key, node, types, minimum, source)
+
+
+def _check_override_types(cfg: Any, before: dict[str, Any], source: str) -> None:
+    """An override of a number or a flag by a value of another kind (``model.backbone.net.depth=abc``)
+    is an error naming the key: LazyConfig keeps what ``literal_eval`` cannot read as a string."""
+    for key, old in before.items():
+        if not isinstance(old, (bool, int, float)) or old is None:
+            continue
+        new = _select(cfg, key)
+        if isinstance(old, bool) != isinstance(new, bool) or not isinstance(new, (int, float)):
+            want = _BOOL if isinstance(old, bool) else _NUMBER if isinstance(old, float) else _INT
+            raise ConfigError(f"{source}: override {key}={new!r}: {key} must be {_type_words(want)} "
+                              f"(it is {old!r} in the config)")
 
 
 def _yacs_hint(cfg: CfgNode, exc: Exception) -> str:

@@ -34,7 +34,6 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.structures import Instances
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from omegaconf import DictConfig, ListConfig
@@ -43,11 +42,13 @@ from torch import nn
 from detection.backbone import SimpleFeaturePyramid, ViTMultiScale
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import ConfigError, get_config_file, is_lazy, load_config
-from detection.data import (NamingMapper, build_coco_evaluator, check_dataset, dataset_num_classes,
-                            register_coco_dataset)
+from detection.data import (DatasetError, NamingMapper, build_coco_evaluator, check_dataset, check_image,
+                            dataset_num_classes, register_coco_dataset)
 from detection.optim import get_vit_param_groups
+from mae_backbone import CheckpointError
+from mae_transfer.errors import check_output_dir, check_output_file
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"detectron2.{__name__}")  # shown by Detectron2's setup_logger()
 
 
 @dataclass
@@ -131,17 +132,93 @@ def check_config(cfg: Any, splits: Sequence[str] = ("train", "test")) -> None:
         _set(cfg, "train.amp.enabled", "SOLVER.AMP.ENABLED", False)
 
 
+def eval_output_dir(weights: str) -> Path:
+    """Where ``detect eval`` writes without ``--output``: ``eval_<weights stem>`` beside the weights file
+    (``OUTPUT/model_final.pth`` -> ``OUTPUT/eval_model_final/``), so that an evaluation lands with the
+    run it evaluates, leaves the run's own ``config.yaml`` and ``log.txt`` as they were, and writes
+    nothing into the current folder.
+
+    Raises:
+        ConfigError: the weights are not a local file (a URL): ``--output`` is needed.
+    """
+    if "://" in weights:
+        raise ConfigError(f"--weights {weights} is not a local file: pass --output FOLDER for the evaluation's "
+                          "results and logs")
+    path = Path(weights)
+    return path.parent / f"eval_{path.stem}"
+
+
+def check_weights_file(weights: str) -> None:
+    """A local detector checkpoint must be a file (URLs and ``detectron2://`` model-zoo names are left
+    to Detectron2's ``PathManager``).
+
+    Raises:
+        CheckpointError: naming the path: missing, or a folder (with the file it probably meant).
+    """
+    if "://" in weights:
+        return
+    path = Path(weights)
+    if path.is_dir():
+        hint = next((f" (did you mean {path / n}?)" for n in ("model_final.pth", "last_checkpoint")
+                     if (path / n).is_file()), "")
+        if hint and (path / "last_checkpoint").is_file() and not (path / "model_final.pth").is_file():
+            last = (path / "last_checkpoint").read_text().strip()
+            hint = f" (did you mean {path / last}?)"
+        raise CheckpointError(f"weights {path}: is a folder, not a checkpoint file{hint}")
+    if not path.is_file():
+        raise CheckpointError(f"weights {path}: no such checkpoint file")
+
+
+def reset_detectron2_logging() -> None:
+    """Take off the console and file handlers that earlier runs in this process added to Detectron2's
+    and fvcore's loggers, so that the next ``default_setup`` leaves exactly one of each.
+
+    Detectron2's ``setup_logger`` is cached on its arguments and adds a console and a file handler
+    for every new output folder: a second run in one process (the demo trains two detectors, then
+    evaluates) would print each line twice and write it into the first run's ``log.txt`` too. The
+    log files these handlers opened are closed.
+    """
+    from detectron2.utils import logger as d2_logger
+
+    for name in ("detectron2", "fvcore", "detection"):
+        log = logging.getLogger(name)
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+            stream = getattr(handler, "stream", None)
+            # the log files setup_logger opened (one stream may serve both loggers)
+            if os.path.basename(str(getattr(stream, "name", ""))).startswith("log.txt") and not stream.closed:
+                handler.flush()
+                stream.close()
+    d2_logger.setup_logger.cache_clear()
+    d2_logger._cached_log_stream.cache_clear()
+
+
 def setup(opts: RunOptions, eval_only: bool = False) -> Any:
-    """Register datasets, load the config with overrides, set up the output folder and logs."""
+    """Register datasets, load the config with overrides, check and set up the output folder and logs.
+
+    ``detect eval`` without ``--output`` writes beside its weights (``eval_output_dir``).
+
+    Raises:
+        ConfigError, UserError, CheckpointError: before any work, naming the key or path.
+    """
     for name, json_file, image_root in opts.register:
         register_coco_dataset(name, json_file, image_root)
     cfg = load_config(opts.config, opts.overrides)
+    if eval_only:
+        weights = opts.weights or _get(cfg, "train.init_checkpoint", "MODEL.WEIGHTS")
+        if not weights:
+            raise ConfigError("no detector weights to evaluate: pass --weights PATH (e.g. OUTPUT/model_final.pth)")
+        check_weights_file(weights)
     if opts.output:
         _set(cfg, "train.output_dir", "OUTPUT_DIR", opts.output)
+    elif eval_only:
+        _set(cfg, "train.output_dir", "OUTPUT_DIR", str(eval_output_dir(weights)))
+    check_output_dir(output_dir(cfg), "--output" if opts.output else
+                     ("output folder" if eval_only else "output folder (train.output_dir / OUTPUT_DIR)"))
     args = argparse.Namespace(config_file=str(get_config_file(opts.config)), opts=list(opts.overrides),
                               eval_only=eval_only, resume=opts.resume)
+    reset_detectron2_logging()
     default_setup(cfg, args)
-    setup_logger(output_dir(cfg), distributed_rank=comm.get_rank(), name="detection", abbrev_name="det")
     return cfg
 
 
@@ -187,6 +264,7 @@ def load_trained_model(cfg: Any, weights: str | None, trust_pickle: bool = False
     weights = weights or _get(cfg, "train.init_checkpoint", "MODEL.WEIGHTS")
     if not weights:
         raise ConfigError("no detector weights to evaluate: pass --weights PATH (e.g. OUTPUT/model_final.pth)")
+    check_weights_file(weights)
     skip_pretrained(cfg)
     model = build_model(cfg)
     SafeDetectionCheckpointer(model, trust_pickle=trust_pickle).load(weights)
@@ -435,15 +513,18 @@ def draw(image_rgb: np.ndarray, instances: Instances, metadata: Any, out: str | 
 def infer_main(opts: RunOptions, image: str, out: str, threshold: float = 0.5,
                dataset: str | None = None) -> Instances:
     """``detect infer``: detect on one image and draw the result to ``out``."""
-    if not Path(image).is_file():
-        raise FileNotFoundError(f"{image}: no such image")
+    check_image(image)  # missing, not an image, too many pixels: named before any work
+    check_output_file(out, "--out")
     for name, json_file, image_root in opts.register:
         register_coco_dataset(name, json_file, image_root)
     cfg = load_config(opts.config, opts.overrides)
     check_config(cfg, splits=())
     model = load_trained_model(cfg, opts.weights, opts.trust_pickle)
     fmt = getattr(model, "input_format", "RGB")
-    pixels = detection_utils.read_image(image, format=fmt)
+    try:
+        pixels = detection_utils.read_image(image, format=fmt)
+    except (OSError, SyntaxError, ValueError) as exc:  # pixel data cut after a valid header
+        raise DatasetError(f"{image}: not a readable image ({exc})") from None
     instances = predict(model, pixels, test_time_augmentations(cfg))
     instances = instances[instances.scores >= threshold]
     names = [dataset] if dataset else dataset_names(cfg, "test")

@@ -1,7 +1,7 @@
 """``mae-transfer detect``: train, evaluate and run Detectron2 detectors on the MAE ViT.
 
     mae-transfer detect train CONFIG [key=value ...] [--resume] [--num-gpus N]
-    mae-transfer detect eval  CONFIG --weights OUTPUT/model_final.pth [key=value ...]
+    mae-transfer detect eval  CONFIG --weights OUTPUT/model_final.pth [key=value ...]   (-> OUTPUT/eval_model_final/)
     mae-transfer detect infer CONFIG IMAGE --out result.png --weights OUTPUT/model_final.pth
 
 CONFIG is a LazyConfig ``.py`` (keys like ``train.max_iter``), a yacs ``.yaml`` (keys like
@@ -30,6 +30,8 @@ def _run(args: argparse.Namespace, work) -> int:
     try:
         work()
     except (ConfigError, DatasetError, FileNotFoundError) as exc:
+        if getattr(args, "debug", False):
+            raise
         print(f"mae-transfer detect {args.action}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # Detectron2's check, before the optimizer step of that iteration
@@ -79,7 +81,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, all together after CONFIG (LazyConfig: train.max_iter=100; "
                         "yacs: SOLVER.MAX_ITER=100); options go before or after them")
-    p.add_argument("--output", help="output folder (overrides train.output_dir / OUTPUT_DIR)")
+    p.add_argument("--output", help="output folder (overrides train.output_dir / OUTPUT_DIR; detect eval: default "
+                                    "eval_<weights name>/ beside the weights file)")
     p.add_argument("--register-coco", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_DIR"),
                    help="register a COCO-format dataset under NAME (repeatable); use NAME in the config "
                         "(dataloader.train.dataset.names=NAME / DATASETS.TRAIN='(\"NAME\",)')")

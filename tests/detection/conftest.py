@@ -25,3 +25,14 @@ def _no_onednn():
 def tiny_coco(tmp_path_factory) -> tuple[Path, Path]:
     """(json, image folder) of the tiny dataset, written once per session."""
     return write_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_detectron2_logging():
+    """Each ``detect`` run adds console and file handlers to Detectron2's loggers, the console one on
+    that test's captured stdout: take them off after the test, as the next run in a process does."""
+    yield
+    import sys
+
+    if "detection.engine" in sys.modules:
+        sys.modules["detection.engine"].reset_detectron2_logging()

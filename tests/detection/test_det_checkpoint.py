@@ -57,7 +57,7 @@ def test_builder_argument_loads_and_logs_the_report(tmp_path):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    log = logging.getLogger("detection.checkpoint")
+    log = logging.getLogger("detectron2.detection.checkpoint")
     log.addHandler(handler)
     old_level = log.level
     log.setLevel(logging.INFO)
