@@ -48,7 +48,7 @@ def fails(capsys, argv: list[str], *named: str) -> str:
     assert rc == 2, (rc, err)
     assert "Traceback" not in err + out, err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("mae-transfer segment: error: "), err
+    assert line.startswith(f"mae-transfer segment {argv[1]}: error: "), err
     for name in named:
         assert str(name) in line, (name, line)
     return line
