@@ -17,14 +17,17 @@ def _load(args: argparse.Namespace):
     cfg = load_config(args.config, args.cfg_options)
     if getattr(args, "data_root", None):
         set_data_root(cfg, args.data_root)
-    work_dir = args.work_dir
+    work_dir, what = args.work_dir, "--work-dir"
     if not work_dir and not cfg.get("work_dir"):
         if args.segment_command == "train":  # nothing is written to the current folder unasked
             raise ConfigError("give --work-dir (the folder for checkpoints and logs), e.g. --work-dir "
                               f"work_dirs/{os.path.splitext(os.path.basename(args.config))[0]}")
         work_dir = os.path.dirname(os.path.abspath(args.checkpoint))  # test logs beside the checkpoint
+        what = "the checkpoint's folder (test logs go there unless --work-dir names another)"
+    elif not work_dir:
+        what = "the config's work_dir"
     cfg = prepare(cfg, work_dir=work_dir, launcher=getattr(args, "launcher", None), config_path=args.config)
-    check_output_dir(cfg.work_dir, "--work-dir" if args.work_dir else "work dir")  # before any work
+    check_output_dir(cfg.work_dir, what)  # before any work
     return cfg
 
 

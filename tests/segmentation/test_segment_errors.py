@@ -158,13 +158,16 @@ def _layout(tmp_path: Path) -> Path:
     return root
 
 
-def test_a_truncated_jpeg_stops_training_naming_it_before_any_checkpoint(tiny_config, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 1])  # 1: torch re-raises the worker's error with its traceback inside
+def test_a_truncated_jpeg_stops_training_naming_it_before_any_checkpoint(tiny_config, tmp_path, capsys, workers):
     root = _layout(tmp_path)
     image = root / "images" / "training" / "img_000.jpg"
     image.write_bytes(image.read_bytes()[: image.stat().st_size * 9 // 10])  # the header is whole
     work = tmp_path / "work"
-    fails(capsys, _train_args(tiny_config, work, "train_cfg.max_iters=2") + ["--data-root", str(root)],
-          image, "cannot be loaded")
+    line = fails(capsys, _train_args(tiny_config, work, "train_cfg.max_iters=2", "train_cfg.val_interval=1000",
+                                     f"train_dataloader.num_workers={workers}") + ["--data-root", str(root)],
+                 image, "cannot be loaded")
+    assert "Caught" not in line
     assert not list(work.glob("*.pth"))
 
 
@@ -239,7 +242,7 @@ def test_a_work_dir_that_is_a_file_or_read_only_is_named(tiny_config, segmentor_
     args = _train_args(tiny_config, work) if command == "train" else \
         ["segment", "test", str(tiny_config), str(ckpt), "--work-dir", str(work)]
     try:
-        fails(capsys, args, work)
+        fails(capsys, args, work, "--work-dir")
     finally:
         work.chmod(0o755) if work.is_dir() else None
     assert snapshot(tmp_path) == before
@@ -251,6 +254,12 @@ def test_train_needs_a_work_dir_and_test_writes_beside_the_checkpoint(tiny_confi
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     fails(capsys, ["segment", "train", str(tiny_config)], "--work-dir")
+    (tmp_path / "ro").mkdir()
+    ro_ckpt = _checkpoint(dict(segmentor_state), tmp_path / "ro" / "model.pth")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro_ckpt.parent else access(p, mode, **kw))
+    fails(capsys, ["segment", "test", str(tiny_config), str(ro_ckpt)], ro_ckpt.parent, "--work-dir")
+    monkeypatch.setattr(os, "access", access)
     run = tmp_path / "run"
     run.mkdir()
     ckpt = _checkpoint(dict(segmentor_state), run / "iter_16.pth")
