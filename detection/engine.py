@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +35,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.structures import Instances
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from omegaconf import DictConfig, ListConfig
@@ -193,6 +195,27 @@ def reset_detectron2_logging() -> None:
     d2_logger._cached_log_stream.cache_clear()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class PlainFormatter(logging.Formatter):
+    """A log file's formatter without ANSI colour codes: Detectron2's ``default_setup`` logs the config
+    file highlighted for a terminal, and its file handler would keep the codes."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _ANSI.sub("", self.inner.format(record))
+
+
+def _log_files(name: str) -> list[logging.Handler]:
+    """The handlers of logger ``name`` that write the ``log.txt`` files ``setup_logger`` opened."""
+    return [h for h in logging.getLogger(name).handlers
+            if os.path.basename(str(getattr(getattr(h, "stream", None), "name", ""))).startswith("log.txt")]
+
+
 def setup(opts: RunOptions, eval_only: bool = False) -> Any:
     """Register datasets, load the config with overrides, check and set up the output folder and logs.
 
@@ -218,7 +241,22 @@ def setup(opts: RunOptions, eval_only: bool = False) -> Any:
     args = argparse.Namespace(config_file=str(get_config_file(opts.config)), opts=list(opts.overrides),
                               eval_only=eval_only, resume=opts.resume)
     reset_detectron2_logging()
+    # the loggers default_setup sets up, made first with its arguments (setup_logger is cached on them, so
+    # default_setup gets these), so that their log files are plain text from its first record on
+    rank = comm.get_rank()
+    setup_logger(output_dir(cfg), distributed_rank=rank, name="fvcore")
+    setup_logger(output_dir(cfg), distributed_rank=rank)
+    for name in ("detectron2", "fvcore"):
+        for handler in _log_files(name):
+            handler.setFormatter(PlainFormatter(handler.formatter))
     default_setup(cfg, args)
+    for name in ("detectron2", "fvcore"):  # one handler per destination, whatever default_setup did
+        log, seen = logging.getLogger(name), set()
+        for handler in list(log.handlers):
+            key = id(getattr(handler, "stream", handler))
+            if key in seen:
+                log.removeHandler(handler)
+            seen.add(key)
     return cfg
 
 

@@ -2,7 +2,7 @@
 traceback, nothing written: bad images for ``infer``, config values of the wrong type, a batch of 0,
 weights that are a folder or missing, an output path that is a file or read-only. Also: ``eval``
 writes nothing into the current folder, the backbone's load report reaches Detectron2's own logger,
-and two runs in one process write each log line once."""
+and two runs in one process write each log line once, in plain text."""
 from __future__ import annotations
 
 import hashlib
@@ -222,6 +222,7 @@ def test_two_runs_in_one_process_write_each_log_line_once(tiny_coco, tmp_path, c
     console = capsys.readouterr().out
     for out in (first, second):
         text = (out / "log.txt").read_text()
+        assert "\x1b[" not in text  # plain text (Detectron2 logs the config file highlighted for a terminal)
         for once in ("Rank of current process", "Starting training from iteration 0", f"Full config saved to {out}",
                      f"Saving checkpoint to {out / 'model_final.pth'}"):
             assert text.count(once) == 1, (out, once)
