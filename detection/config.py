@@ -347,4 +347,7 @@ def _yacs_hint(cfg: CfgNode, exc: Exception) -> str:
 def _select(cfg: Any, key: str) -> Any:
     from omegaconf import OmegaConf
 
-    return OmegaConf.select(cfg, key, default=None)
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except Exception:  # an interpolation that does not resolve: left to the checks that name it
+        return None

@@ -34,7 +34,7 @@ def _fails(capsys, argv: list[str], *named: str) -> str:
     assert rc == 2, (rc, err)
     assert "Traceback" not in err and "Traceback" not in out
     line = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(line) == 1 and line[0].startswith("mae-transfer detect"), err
+    assert len(line) == 1 and line[0].startswith(f"mae-transfer detect {argv[1]}: error: "), err
     for name in named:
         assert name in line[0], (name, err)
     return line[0]
