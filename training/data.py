@@ -76,6 +76,8 @@ def list_images(source: str | os.PathLike) -> list[Path]:
             raise DataError(f"{src}: the list file names no image")
         return files
     if not src.is_dir():
+        if src.is_symlink() and not src.exists():
+            raise DataError(f"{src}: a broken symlink or a symlink loop (-> {os.readlink(src)})")
         raise DataError(f"{src}: no such folder or list file")
     files = image_files(src)
     if not files:

@@ -3,8 +3,9 @@
     init the process group -> find the checkpoint to resume -> the trainer builds its data, model,
     optimizer and step (``Trainer.build``) -> restore the state -> write config.json and the
     ``run`` record -> for each remaining epoch: re-seed, one epoch of ``train_one_epoch``, the
-    epoch record, the checkpoint every ``save_every`` epochs and at the end (never from
-    non-finite weights), the trainer's after-epoch work -> the trainer's exports -> clean-up.
+    epoch record and its log line (``log_epoch``, whatever the terminal), the checkpoint every
+    ``save_every`` epochs and at the end (never from non-finite weights), the trainer's after-epoch
+    work -> the trainer's exports -> clean-up.
 
 A trainer is a ``Trainer`` subclass: it supplies the method's parts through the hooks below and
 its options (an ``Options`` with ``output``, ``epochs``, ``seed``, ``save_every``, ``resume``,

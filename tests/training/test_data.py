@@ -5,10 +5,11 @@ import logging
 import os
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from classification.data import find_classes, list_samples
-from training.data import image_files, list_images
+from training.data import DataError, image_files, list_images
 
 
 def cyclic_folder(root: Path) -> Path:
@@ -63,3 +64,9 @@ def test_a_class_folder_that_links_back_to_the_root_is_not_a_class(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="classification.data"):
         assert find_classes(root) == ["class0", "class1"]
     assert "loop" in caplog.text and "symlink cycles" in caplog.text
+
+
+def test_a_data_path_that_is_a_symlink_loop_is_named(tmp_path):
+    os.symlink("loop", tmp_path / "loop")
+    with pytest.raises(DataError, match=r"loop: a broken symlink or a symlink loop \(-> loop\)"):
+        list_images(tmp_path / "loop")
