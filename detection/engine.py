@@ -161,14 +161,20 @@ def check_weights_file(weights: str) -> None:
         return
     path = Path(weights)
     if path.is_dir():
-        hint = next((f" (did you mean {path / n}?)" for n in ("model_final.pth", "last_checkpoint")
-                     if (path / n).is_file()), "")
-        if hint and (path / "last_checkpoint").is_file() and not (path / "model_final.pth").is_file():
-            last = (path / "last_checkpoint").read_text().strip()
-            hint = f" (did you mean {path / last}?)"
+        hint = ""
+        if (path / "model_final.pth").is_file():
+            hint = f" (did you mean {path / 'model_final.pth'}?)"
+        elif (path / "last_checkpoint").is_file():  # a run still training: its newest checkpoint
+            hint = f" (did you mean {path / (path / 'last_checkpoint').read_text().strip()}?)"
         raise CheckpointError(f"weights {path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"weights {path}: no such checkpoint file")
+
+
+def _log_files(name: str) -> list[logging.Handler]:
+    """The handlers of logger ``name`` that write the ``log.txt`` files ``setup_logger`` opened."""
+    return [h for h in logging.getLogger(name).handlers
+            if os.path.basename(str(getattr(getattr(h, "stream", None), "name", ""))).startswith("log.txt")]
 
 
 def reset_detectron2_logging() -> None:
@@ -182,15 +188,14 @@ def reset_detectron2_logging() -> None:
     """
     from detectron2.utils import logger as d2_logger
 
-    for name in ("detectron2", "fvcore", "detection"):
+    for name in ("detectron2", "fvcore"):
         log = logging.getLogger(name)
+        files = _log_files(name)
         for handler in list(log.handlers):
             log.removeHandler(handler)
-            stream = getattr(handler, "stream", None)
-            # the log files setup_logger opened (one stream may serve both loggers)
-            if os.path.basename(str(getattr(stream, "name", ""))).startswith("log.txt") and not stream.closed:
+            if handler in files and not handler.stream.closed:  # one stream may serve both loggers
                 handler.flush()
-                stream.close()
+                handler.stream.close()
     d2_logger.setup_logger.cache_clear()
     d2_logger._cached_log_stream.cache_clear()
 
@@ -208,12 +213,6 @@ class PlainFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return _ANSI.sub("", self.inner.format(record))
-
-
-def _log_files(name: str) -> list[logging.Handler]:
-    """The handlers of logger ``name`` that write the ``log.txt`` files ``setup_logger`` opened."""
-    return [h for h in logging.getLogger(name).handlers
-            if os.path.basename(str(getattr(getattr(h, "stream", None), "name", ""))).startswith("log.txt")]
 
 
 def setup(opts: RunOptions, eval_only: bool = False) -> Any:

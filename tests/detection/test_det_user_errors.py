@@ -123,6 +123,18 @@ def test_eval_with_weights_that_are_a_folder_names_it_and_the_file_meant(weights
     assert _digest(run) == before
 
 
+def test_eval_with_the_folder_of_a_run_still_training_names_its_last_checkpoint(tiny_coco, tmp_path, capsys,
+                                                                                 existing_run):
+    run, before = existing_run
+    training = tmp_path / "training"
+    training.mkdir()
+    (training / "model_0000005.pth").write_bytes(b"")
+    (training / "last_checkpoint").write_text("model_0000005.pth")
+    _fails(capsys, ["detect", "eval", TINY, "--weights", str(training), "--output", str(run), *_register(tiny_coco)],
+           f"did you mean {training / 'model_0000005.pth'}?")
+    assert _digest(run) == before
+
+
 def test_eval_with_missing_weights_names_the_path(tiny_coco, tmp_path, capsys, existing_run):
     run, before = existing_run
     missing = tmp_path / "nowhere" / "model_final.pth"
