@@ -89,6 +89,14 @@ def load_segmentor_state(
         CheckpointError: naming the file and every key that does not fit.
     """
     sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    tops = {name.split(".")[0] for name, _ in model.named_parameters()}
+    if isinstance(sd, dict) and not any(str(k).split(".")[0] in tops for k in sd):
+        fmt = detect_format(checkpoint)
+        if fmt is not None or any(str(k).startswith(("blocks.", "patch_embed.")) for k in sd):
+            raise CheckpointError(
+                f"{source}: an encoder checkpoint ({fmt or 'ViT'} layout), not a whole segmentor (no "
+                f"{', '.join(sorted(t + '.*' for t in tops))} tensors); segment test and infer need a checkpoint of "
+                "segment train; to train from this encoder, give it as model.pretrained=FILE")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{source}: not a segmentor checkpoint (no state_dict of tensors)")
     for pattern, repl in revise_keys:

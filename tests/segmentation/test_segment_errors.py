@@ -139,15 +139,16 @@ def test_infer_with_a_bad_image_names_it(tiny_config, ade_root, segmentor_state,
     assert snapshot(tmp_path) == before
 
 
-def test_infer_with_an_encoder_only_checkpoint_says_so(tiny_config, ade_root, segmentor_state, tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["pretrain's {'model': ...}", "a bare state dict"])
+def test_infer_with_an_encoder_only_checkpoint_says_so(tiny_config, ade_root, segmentor_state, tmp_path, capsys, layout):
     vit = {k[len("backbone.vit."):]: v for k, v in segmentor_state.items() if k.startswith("backbone.vit.")}
     encoder = tmp_path / "encoder.pth"
-    torch.save(add_checksum({"model": vit}), encoder)
+    torch.save(add_checksum({"model": vit}) if layout.startswith("pretrain") else vit, encoder)
     out = tmp_path / "overlay.png"
     line = fails(capsys, ["segment", "infer", str(tiny_config), str(encoder),
                           str(ade_root / "images" / "validation" / "img_000.jpg"), "--out", str(out), "--device", "cpu"],
                  encoder)
-    assert "not a segmentor checkpoint" in line and not out.exists()
+    assert "an encoder checkpoint" in line and "model.pretrained=FILE" in line and not out.exists()
 
 
 # --------------------------------------------------------------------------- ADE20K layout faults
