@@ -48,7 +48,7 @@ from detection.data import (DatasetError, NamingMapper, build_coco_evaluator, ch
                             dataset_num_classes, register_coco_dataset)
 from detection.optim import get_vit_param_groups
 from mae_backbone import CheckpointError
-from mae_transfer.errors import check_output_dir, check_output_file
+from training.errors import check_output_dir, check_output_file
 
 logger = logging.getLogger(f"detectron2.{__name__}")  # shown by Detectron2's setup_logger()
 

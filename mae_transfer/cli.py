@@ -77,7 +77,7 @@ KNOWN_ERRORS = (
 
 def known_error_types() -> tuple[type[BaseException], ...]:
     """The exception classes the boundary reports as a user's mistake (of the modules imported so far)."""
-    from mae_transfer.errors import UserError
+    from training.errors import UserError
 
     types: list[type[BaseException]] = [UserError]
     for module, name in KNOWN_ERRORS:
@@ -89,7 +89,7 @@ def known_error_types() -> tuple[type[BaseException], ...]:
 
 def user_error_message(exc: BaseException) -> str | None:
     """The one-line message for a known failure kind, ``None`` for anything else (a bug: traceback)."""
-    from mae_transfer.errors import is_reportable_os_error, os_error_message
+    from training.errors import is_reportable_os_error, os_error_message
 
     if isinstance(exc, known_error_types()):
         if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in str(exc):

@@ -39,7 +39,7 @@ def run_command(prog: str, make_config: Callable[[], Any], body: Callable[[Any, 
         KeyboardInterrupt: with ``resume_checkpoint`` set to the run folder's checkpoint when one
             exists (``mae_transfer.cli.main`` says how to resume).
     """
-    from mae_transfer.errors import check_output_dir, is_reportable_os_error, os_error_message
+    from training.errors import check_output_dir, is_reportable_os_error, os_error_message
 
     main_process = is_main_process()
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mae-transfer bench: error: {msg}", file=sys.stderr)
         return 2
 
-    from mae_transfer.errors import check_output_dir
+    from training.errors import check_output_dir
 
     out = check_output_dir(Path(args.output).absolute(), "--output")
     try:

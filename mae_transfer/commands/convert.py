@@ -13,7 +13,7 @@ def run(args: argparse.Namespace) -> int:
     from mae_backbone.checkpoint import read_checkpoint, write_checkpoint
     from mae_backbone.vit import VIT_ARCHS
 
-    from mae_transfer.errors import UserError, check_output_dir, check_output_file
+    from training.errors import UserError, check_output_dir, check_output_file
 
     if args.to == "hf":
         check_output_dir(args.dst, "output folder (--to hf)")

@@ -6,7 +6,7 @@ import time
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from mae_transfer.errors import check_output_dir
+    from training.errors import check_output_dir
     from mae_transfer.sample_data import write_sample_data
 
     check_output_dir(args.out, "output folder")

@@ -6,7 +6,7 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     from mae_transfer.demo import run_demo
-    from mae_transfer.errors import check_output_dir
+    from training.errors import check_output_dir
 
     check_output_dir(args.output, "--output")
     ctx = run_demo(args.output, quick=args.quick, seed=args.seed, only=args.only)

@@ -11,7 +11,7 @@ import pickle
 
 
 def _load(args: argparse.Namespace):
-    from mae_transfer.errors import check_output_dir
+    from training.errors import check_output_dir
     from segmentation.engine import ConfigError, load_config, prepare, set_data_root
 
     cfg = load_config(args.config, args.cfg_options)
@@ -84,7 +84,7 @@ def run_test(args: argparse.Namespace) -> int:
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    from mae_transfer.errors import check_output_file
+    from training.errors import check_output_file
     from segmentation.engine import infer, load_config
 
     check_output_file(args.out, "--out")

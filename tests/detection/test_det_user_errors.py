@@ -157,7 +157,7 @@ def test_an_output_path_that_is_a_file_is_named(weights, tiny_coco, tmp_path, ca
 @pytest.mark.parametrize("action", ["train", "eval"])
 def test_a_read_only_output_folder_is_named(weights, tiny_coco, tmp_path, capsys, monkeypatch, action):
     """Read-only through ``_writable`` (the tests may run as root, which ignores permission bits)."""
-    import mae_transfer.errors as errors
+    import training.errors as errors
 
     ro = tmp_path / "read_only"
     ro.mkdir()

@@ -1,4 +1,4 @@
-"""The one error boundary of ``mae-transfer`` (``mae_transfer.cli.main``) and ``mae_transfer.errors``:
+"""The one error boundary of ``mae-transfer`` (``mae_transfer.cli.main``) and ``training.errors``:
 a user's mistake (an output path that is a file or read-only, a full disk, a file convert does not
 recognise) is one line naming the path or key with exit status 2, no traceback, and nothing earlier
 changed; ``--debug`` shows the traceback; Ctrl-C exits 130 and says how to resume."""
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from fault_harness import write_images
-from mae_transfer import errors
+from training import errors
 from mae_transfer.cli import main
-from mae_transfer.errors import UserError, check_output_dir, os_error_message
+from training.errors import UserError, check_output_dir, os_error_message
 
 TINY_PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--img-size", "32",
                  "--model-kwargs", '{"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}',
@@ -67,7 +67,7 @@ def read_only(monkeypatch):
     yield make
 
 
-# --------------------------------------------------------------------------- mae_transfer.errors
+# --------------------------------------------------------------------------- training.errors
 def test_check_output_dir_names_the_path(tmp_path, read_only):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
