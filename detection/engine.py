@@ -43,7 +43,7 @@ from torch import nn
 
 from detection.backbone import SimpleFeaturePyramid, ViTMultiScale
 from detection.checkpoint import SafeDetectionCheckpointer
-from detection.config import ConfigError, get_config_file, is_lazy, load_config
+from detection.config import CONFIG_DIR, ConfigError, get_config_file, is_lazy, load_config
 from detection.data import (DatasetError, NamingMapper, build_coco_evaluator, check_dataset, check_image,
                             dataset_num_classes, register_coco_dataset)
 from detection.optim import get_vit_param_groups
@@ -215,10 +215,20 @@ class PlainFormatter(logging.Formatter):
         return _ANSI.sub("", self.inner.format(record))
 
 
+def _is_shipped(config: str) -> bool:
+    """Whether ``config`` names one of the recipes in ``detection/configs`` (not a user's own file)."""
+    try:
+        return CONFIG_DIR.resolve() in get_config_file(config).resolve().parents
+    except FileNotFoundError:
+        return False
+
+
 def setup(opts: RunOptions, eval_only: bool = False) -> Any:
     """Register datasets, load the config with overrides, check and set up the output folder and logs.
 
-    ``detect eval`` without ``--output`` writes beside its weights (``eval_output_dir``).
+    ``detect eval`` without ``--output`` writes beside its weights (``eval_output_dir``); ``detect train``
+    of a shipped recipe needs ``--output`` (or a ``train.output_dir=`` override): the recipes' own
+    ``./output`` would land in the current folder unasked.
 
     Raises:
         ConfigError, UserError, CheckpointError: before any work, naming the key or path.
@@ -235,6 +245,10 @@ def setup(opts: RunOptions, eval_only: bool = False) -> Any:
         _set(cfg, "train.output_dir", "OUTPUT_DIR", opts.output)
     elif eval_only:
         _set(cfg, "train.output_dir", "OUTPUT_DIR", str(eval_output_dir(weights)))
+    elif _is_shipped(opts.config) and not any(o.split("=", 1)[0] in ("train.output_dir", "OUTPUT_DIR")
+                                               for o in opts.overrides):
+        raise ConfigError(f"{opts.config}: give --output FOLDER (the shipped recipe's output folder is "
+                          f"{output_dir(cfg)!r}, in the current folder); nothing is written there unasked")
     check_output_dir(output_dir(cfg), "--output" if opts.output else
                      ("output folder" if eval_only else "output folder (train.output_dir / OUTPUT_DIR)"))
     args = argparse.Namespace(config_file=str(get_config_file(opts.config)), opts=list(opts.overrides),

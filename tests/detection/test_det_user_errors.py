@@ -241,3 +241,13 @@ def test_two_runs_in_one_process_write_each_log_line_once(tiny_coco, tmp_path, c
     assert str(second) not in (first / "log.txt").read_text()  # the second run does not write the first's log
     for once_per_run in ("Rank of current process", "Starting training from iteration 0", "Full config saved to"):
         assert console.count(once_per_run) == 2, once_per_run
+
+
+def test_training_a_shipped_recipe_without_output_asks_for_it(tmp_path, monkeypatch, capsys):
+    """The shipped recipes' ``train.output_dir`` is ``./output``: ``detect train`` of one without
+    ``--output`` (or an override) stops before any work instead of writing into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    rc = main(["detect", "train", "mask_rcnn_vitdet_b_100ep"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "give --output FOLDER" in err and "./output" in err, err
+    assert "Traceback" not in out + err and list(tmp_path.iterdir()) == []
