@@ -106,12 +106,14 @@ def test_segment_test_refuses_a_checkpoint_that_does_not_fit(tiny_config, tmp_pa
     sd = state(build(tiny_config))
     _wrong_head(sd)
     ckpt = save(sd, tmp_path / "other_classes.pth", checksum=True)
+    before = ckpt.read_bytes()
     rc = main(["segment", "test", str(tiny_config), str(ckpt), "--work-dir", str(tmp_path / "work"),
                "--cfg-options", f"experiment_name={unique_name()}"])
     out, err = capsys.readouterr()
     assert rc == 2
     assert "other_classes.pth: does not fit this EncoderDecoder" in err and "decode_head.conv_seg.weight" in err
     assert "mIoU: " not in out and "aAcc" not in out  # no scores printed
+    assert "Traceback" not in out + err and ckpt.read_bytes() == before
 
 
 def test_segment_test_reports_what_it_resampled(tiny_config, tmp_path):
