@@ -100,12 +100,20 @@ def user_error_message(exc: BaseException) -> str | None:
     return None
 
 
-def resume_hint(argv: Sequence[str], checkpoint: str | os.PathLike | None) -> str:
+# commands that continue a run only when told to (``--resume`` finds the last checkpoint in the run's
+# folder); run again without it, they would start over and overwrite the run's checkpoints
+RESUME_FLAG_COMMANDS = ("detect train", "segment train")
+
+
+def resume_hint(argv: Sequence[str], checkpoint: str | os.PathLike | None, command: str = "") -> str:
     """What to type to carry on after Ctrl-C: a trainer stopped after a checkpoint resumes from it
-    (``--resume CHECKPOINT``, replacing any earlier ``--resume``); anything else runs again."""
+    (``--resume CHECKPOINT``, replacing any earlier ``--resume``); ``detect train`` / ``segment
+    train`` resume with their ``--resume`` flag; anything else runs again."""
     import shlex
 
     words = ["mae-transfer", *argv]
+    if checkpoint is None and command in RESUME_FLAG_COMMANDS:
+        return shlex.join(words if "--resume" in words else [*words, "--resume"])
     if checkpoint is None:
         return f"{shlex.join(words)} (run it again)"
     kept: list[str] = []
@@ -143,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        hint = resume_hint(command_words, getattr(exc, "resume_checkpoint", None))
+        hint = resume_hint(command_words, getattr(exc, "resume_checkpoint", None), name)
         print(f"\nmae-transfer {name}: interrupted; resume with: {hint}",
               file=sys.stderr)
         return 130

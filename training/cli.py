@@ -26,14 +26,16 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_command(prog: str, make_config: Callable[[], Any], body: Callable[[Any, bool], None]) -> int:
+def run_command(prog: str, make_config: Callable[[], Any], body: Callable[[Any, bool], None],
+                debug: bool = False) -> int:
     """Configure logging, build the options (``make_config``), check the run folder (``cfg.output``)
     can be written, and run ``body(cfg, main_process)``.
 
     Returns:
         0 on success; 2 when the options are invalid, the run folder cannot be written, or the run
         stops with a ``USER_ERRORS`` error or an ``OSError`` naming a path (full disk, permission),
-        printed as ``<prog>: error: <message>`` on stderr.
+        printed as ``<prog>: error: <message>`` on stderr. With ``debug`` (``mae-transfer --debug``)
+        those errors are raised instead, so the traceback shows.
 
     Raises:
         KeyboardInterrupt: with ``resume_checkpoint`` set to the run folder's checkpoint when one
@@ -50,15 +52,19 @@ def run_command(prog: str, make_config: Callable[[], Any], body: Callable[[Any, 
         if output and main_process and not getattr(cfg, "eval", False):
             check_output_dir(output, "run folder (--output)")
     except ValueError as exc:
+        if debug:
+            raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     try:
         body(cfg, main_process)
     except USER_ERRORS as exc:
+        if debug:
+            raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if not is_reportable_os_error(exc):
+        if debug or not is_reportable_os_error(exc):
             raise
         print(f"{prog}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2

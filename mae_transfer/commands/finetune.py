@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  classifier: {result.model}")
             print(f"  resumable checkpoint: {result.checkpoint}")
 
-    return run_command(f"mae-transfer {protocol}", lambda: config_from_args(args, protocol), body)
+    return run_command(f"mae-transfer {protocol}", lambda: config_from_args(args, protocol), body,
+                       debug=args.debug)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

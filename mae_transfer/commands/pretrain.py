@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  full checkpoint (resume, visualize): {result.checkpoint}")
             print(f"  encoder for downstream tasks:        {result.encoder}")
 
-    return run_command("mae-transfer pretrain", lambda: config_from_args(args), body)
+    return run_command("mae-transfer pretrain", lambda: config_from_args(args), body, debug=args.debug)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -14,6 +14,8 @@ def run(args: argparse.Namespace) -> int:
         out, rec = visualize(args.checkpoint, args.images, args.output, mask_ratio=args.mask_ratio,
                              seed=args.seed, target=args.target, masking=args.masking)
     except (CheckpointError, OSError, ValueError) as exc:
+        if args.debug:
+            raise
         from training.errors import os_error_message
 
         message = os_error_message(exc) if isinstance(exc, OSError) and exc.filename is not None else exc

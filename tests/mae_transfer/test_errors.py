@@ -263,3 +263,43 @@ def test_the_default_workers_fit_the_machine():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns when a loader asks for more workers than CPUs
         DataLoader(range(4), num_workers=workers).check_worker_number_rationality()
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["detect", "train", "mask_rcnn_vitdet_b_100ep", "--output", "out"], "detect train"),
+    (["segment", "train", "cfg.py", "--work-dir", "wd"], "segment train"),
+])
+def test_ctrl_c_in_detect_or_segment_training_resumes_with_their_flag(monkeypatch, capsys, argv, command):
+    """Run again without ``--resume``, ``detect train`` / ``segment train`` would start over and
+    overwrite the run's checkpoints: the hint carries the flag that continues the run."""
+    import detection.engine
+    import mae_transfer.commands.segment as segment_command
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(detection.engine, "train_main", interrupted)
+    monkeypatch.setattr("detectron2.engine.launch", lambda fn, *a, **k: fn())
+    monkeypatch.setitem(segment_command._ACTIONS, "train", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"mae-transfer {command}: interrupted; resume with: mae-transfer {' '.join(argv)} --resume" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "linprobe"])
+def test_debug_shows_the_traceback_in_the_trainers_too(tmp_path, command):
+    """The trainers report their own errors (``training.cli.run_command``): ``--debug`` reaches it."""
+    from training import DataError
+
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        main(["--debug", command, "--data", str(empty), "--output", str(tmp_path / "out"), "--device", "cpu"])
+
+
+def test_debug_shows_the_traceback_in_visualize(tmp_path):
+    missing = tmp_path / "no_such_checkpoint.pth"
+    with pytest.raises(Exception, match="no_such_checkpoint"):
+        main(["--debug", "visualize", str(missing), str(tmp_path / "x.png"), "-o", str(tmp_path / "fig.png")])
