@@ -224,7 +224,8 @@ def _is_shipped(config: str) -> bool:
 
 
 def setup(opts: RunOptions, eval_only: bool = False) -> Any:
-    """Register datasets, load the config with overrides, check and set up the output folder and logs.
+    """Register datasets, load the config with overrides, check the config (``check_config``) and the
+    output folder, then set up the output folder and logs: a mistake changes nothing on disk.
 
     ``detect eval`` without ``--output`` writes beside its weights (``eval_output_dir``); ``detect train``
     of a shipped recipe needs ``--output`` (or a ``train.output_dir=`` override): the recipes' own
@@ -251,6 +252,8 @@ def setup(opts: RunOptions, eval_only: bool = False) -> Any:
                           f"{output_dir(cfg)!r}, in the current folder); nothing is written there unasked")
     check_output_dir(output_dir(cfg), "--output" if opts.output else
                      ("output folder" if eval_only else "output folder (train.output_dir / OUTPUT_DIR)"))
+    # datasets and class counts before default_setup writes config.yaml / log.txt into the output folder
+    check_config(cfg, splits=("test",) if eval_only else ("train", "test"))
     args = argparse.Namespace(config_file=str(get_config_file(opts.config)), opts=list(opts.overrides),
                               eval_only=eval_only, resume=opts.resume)
     reset_detectron2_logging()
@@ -504,8 +507,7 @@ def do_train(cfg: DictConfig, resume: bool = False, trust_pickle: bool = False) 
 # --------------------------------------------------------------------------- entry points
 def train_main(opts: RunOptions) -> Any:
     """``detect train`` in one process (Detectron2's ``launch`` runs it once per GPU)."""
-    cfg = setup(opts)
-    check_config(cfg)
+    cfg = setup(opts)  # checks the config (check_config) before writing anything
     if is_lazy(cfg):
         return do_train(cfg, resume=opts.resume, trust_pickle=opts.trust_pickle)
     trainer = ViTTrainer(cfg, trust_pickle=opts.trust_pickle)
@@ -516,7 +518,6 @@ def train_main(opts: RunOptions) -> Any:
 def eval_main(opts: RunOptions) -> dict[str, Any]:
     """``detect eval``: COCO AP of trained weights; also written to ``OUTPUT/eval_results.json``."""
     cfg = setup(opts, eval_only=True)
-    check_config(cfg, splits=("test",))
     model = load_trained_model(cfg, opts.weights, opts.trust_pickle)
     results = do_test(cfg, create_ddp_model(model))
     if comm.is_main_process():

@@ -251,3 +251,17 @@ def test_training_a_shipped_recipe_without_output_asks_for_it(tmp_path, monkeypa
     out, err = capsys.readouterr()
     assert rc == 2 and "give --output FOLDER" in err and "./output" in err, err
     assert "Traceback" not in out + err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("action", ["train", "eval"])
+def test_an_unregistered_dataset_or_wrong_class_count_changes_nothing_in_the_output_folder(
+        weights, tiny_coco, capsys, existing_run, action):
+    """The datasets and class counts are checked before Detectron2's ``default_setup`` writes
+    ``config.yaml`` and appends to ``log.txt`` in the output folder (a resumed run's folder)."""
+    run, before = existing_run
+    extra = ["--weights", str(weights)] if action == "eval" else []
+    rc = main(["detect", action, TINY, "dataloader.train.dataset.names=no_such_dataset",
+               "dataloader.test.dataset.names=no_such_dataset", "--output", str(run), *extra])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "no_such_dataset" in err and "Traceback" not in out + err, err
+    assert _digest(run) == before
