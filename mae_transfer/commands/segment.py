@@ -22,8 +22,11 @@ def _load(args: argparse.Namespace):
         if args.segment_command == "train":  # nothing is written to the current folder unasked
             raise ConfigError("give --work-dir (the folder for checkpoints and logs), e.g. --work-dir "
                               f"work_dirs/{os.path.splitext(os.path.basename(args.config))[0]}")
-        work_dir = os.path.dirname(os.path.abspath(args.checkpoint))  # test logs beside the checkpoint
-        what = "the checkpoint's folder (test logs go there unless --work-dir names another)"
+        # beside the checkpoint, in a folder of its own: MMEngine writes its config copy into the work
+        # dir, which would replace the training run's own (same file name) in the checkpoint's folder
+        ckpt = os.path.abspath(args.checkpoint)
+        work_dir = os.path.join(os.path.dirname(ckpt), f"test_{os.path.splitext(os.path.basename(ckpt))[0]}")
+        what = "the test folder beside the checkpoint (test logs go there unless --work-dir names another)"
     elif not work_dir:
         what = "the config's work_dir"
     cfg = prepare(cfg, work_dir=work_dir, launcher=getattr(args, "launcher", None), config_path=args.config)

@@ -264,12 +264,14 @@ def test_train_needs_a_work_dir_and_test_writes_beside_the_checkpoint(tiny_confi
     run = tmp_path / "run"
     run.mkdir()
     ckpt = _checkpoint(dict(segmentor_state), run / "iter_16.pth")
-    before = digest(ckpt)
+    (run / tiny_config.name).write_text("# the training run's own config copy\n")  # MMEngine's dump name
+    before = {p.name: digest(p) for p in run.iterdir()}
     assert main(["segment", "test", str(tiny_config), str(ckpt), "--cfg-options",
                  f"experiment_name={unique_name()}"]) == 0
     assert "mIoU" in capsys.readouterr().out
     assert not list(cwd.iterdir())  # nothing in the current folder
-    assert list(run.glob("*/*.log")) and digest(ckpt) == before  # the log beside the checkpoint
+    assert list((run / "test_iter_16").glob("*/*.log"))  # the logs beside the checkpoint, in their own folder
+    assert {p.name: digest(p) for p in run.iterdir() if p.name != "test_iter_16"} == before  # the run unchanged
 
 
 # --------------------------------------------------------------------------- a copied work dir
