@@ -64,6 +64,7 @@ class RunOptions:
     trust_pickle: bool = False
     register: list[tuple[str, str, str]] = field(default_factory=list)  # (name, json, image_root)
     weights: str | None = None
+    debug: bool = False  # keep the tracebacks Detectron2 logs for a user's mistake (mae-transfer --debug)
 
 
 # --------------------------------------------------------------------------- config access
@@ -177,6 +178,32 @@ def _log_files(name: str) -> list[logging.Handler]:
             if os.path.basename(str(getattr(getattr(h, "stream", None), "name", ""))).startswith("log.txt")]
 
 
+class QuietUserErrors(logging.Filter):
+    """Drop the traceback of a user's mistake from Detectron2's ``Exception during training`` record.
+
+    ``TrainerBase.train`` logs every exception with its traceback before re-raising it; a mistake
+    the user can fix (an image that turns out truncated when training decodes it, a dataset or
+    config error, a checkpoint problem) is then reported once, as one line naming the file, by
+    ``mae-transfer``'s error boundary. ``--debug`` keeps the tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (DatasetError, ConfigError, CheckpointError)):
+            record.msg = f"{record.getMessage()} {type(exc).__name__}: {exc}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
+def quiet_user_errors(enable: bool = True) -> None:
+    """Put ``QuietUserErrors`` on Detectron2's train-loop logger once (or take it off)."""
+    log = logging.getLogger("detectron2.engine.train_loop")
+    for f in [f for f in log.filters if isinstance(f, QuietUserErrors)]:
+        log.removeFilter(f)
+    if enable:
+        log.addFilter(QuietUserErrors())
+
+
 def reset_detectron2_logging() -> None:
     """Take off the console and file handlers that earlier runs in this process added to Detectron2's
     and fvcore's loggers, so that the next ``default_setup`` leaves exactly one of each.
@@ -257,6 +284,7 @@ def setup(opts: RunOptions, eval_only: bool = False) -> Any:
     args = argparse.Namespace(config_file=str(get_config_file(opts.config)), opts=list(opts.overrides),
                               eval_only=eval_only, resume=opts.resume)
     reset_detectron2_logging()
+    quiet_user_errors(not opts.debug)
     # the loggers default_setup sets up, made first with its arguments (setup_logger is cached on them, so
     # default_setup gets these), so that their log files are plain text from its first record on
     rank = comm.get_rank()

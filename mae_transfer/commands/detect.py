@@ -20,7 +20,8 @@ def _options(args: argparse.Namespace):
 
     return RunOptions(config=args.config, overrides=list(args.overrides), output=args.output,
                       resume=getattr(args, "resume", False), trust_pickle=args.trust_pickle,
-                      register=[tuple(r) for r in args.register_coco or []], weights=getattr(args, "weights", None))
+                      register=[tuple(r) for r in args.register_coco or []], weights=getattr(args, "weights", None),
+                      debug=getattr(args, "debug", False))
 
 
 def _run(args: argparse.Namespace, work) -> int:
