@@ -21,7 +21,7 @@ from mae_backbone.io import safe_torch_load
 from mae_backbone.layers import set_rel_pos_impl
 from mae_transfer.cli import main as cli
 
-transformers = pytest.importorskip("transformers")
+import transformers  # the oracle; set-up installs it (dev extra): a missing one must fail, not skip
 
 DIM, DEPTH, HEADS, PATCH, WINDOW = 64, 4, 4, 16, 4
 GLOBAL = (1, 3)
