@@ -41,7 +41,6 @@ from classification.models import (
 )
 from classification.optim import build_optimizer
 from classification.state import (
-    CHECKPOINT_NAME,
     EMA_MODEL_NAME,
     MODEL_NAME,
     export_model,
@@ -56,7 +55,7 @@ from training.data import DataError, EvalBatchSampler
 from training.distributed import DistInfo, cleanup, init_distributed
 from training.loop import Counters, EpochStats
 from training.monitor import Monitor
-from training.run import CONFIG_NAME, RunParts, Trainer, data_loader, effective_batch, epoch_sampler, run, write_json
+from training.run import RunParts, Trainer, data_loader, effective_batch, epoch_sampler, run, write_json
 from training.run import RunResult as BaseRunResult
 from training.precision import resolve_amp
 from training.schedule import absolute_lr, cosine_schedule

@@ -33,7 +33,6 @@ from pretrain.model import MAE_ARCHS, MaskedAutoencoderViT, create_mae
 from pretrain.moco import MoCoV3, MocoStep, build_moco_optimizer, build_moco_transform, create_moco
 from pretrain.optim import build_optimizer
 from pretrain.state import (
-    CHECKPOINT_NAME,
     ENCODER_NAME,
     export_encoder,
     load_training_state,

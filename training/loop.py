@@ -27,7 +27,6 @@ from torch import nn
 
 from training.distributed import DistInfo, all_reduce_sum
 from training.monitor import Monitor
-from training.precision import amp_autocast
 from training.schedule import set_lr
 
 logger = logging.getLogger(__name__)
