@@ -33,6 +33,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """The benchmark's options, added to ``parser`` (the ``bench-speed`` sub-command) or a new parser."""
     p = parser or argparse.ArgumentParser(prog="python -m mae_transfer.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write the comparisons as JSON: {part: {dtype: {ours, baseline, ratio, ours_peak_mib, "
+                        "baseline_peak_mib, ...}}}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
@@ -65,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.clock == "cpu" and device.type == "cuda":
         raise SystemExit("bench-speed: --clock cpu measures CPU work; on a GPU use the wall clock")
+    if args.json:  # before measuring for minutes: a path that cannot be written is a user error now
+        from training.errors import check_output_file
+
+        check_output_file(args.json, "--json file")
     harness.set_clock(args.clock)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
     for name, module in PART_MODULES.items():
         if name in args.parts:
             importlib.import_module(module).run(args, report, device)
+    if args.json:
+        import json
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(report.summary(), indent=2) + "\n")
+        print(f"wrote {args.json}")
     print(f"img/s: images per {args.clock}-clock second (median step); ratio: ours / baseline; peak MiB: memory the step itself "
           "allocates; peak frac: counted FLOPs per second / measured matmul peak of that precision")
     return 0

@@ -162,6 +162,7 @@ class Row:
     ours: Case
     base: Case | None
     note: str = ""
+    key: str | None = None  # the part's name in the JSON summary (``Report.summary``); None: not in it
 
 
 class Report:
@@ -171,9 +172,31 @@ class Report:
         self.rows: list[Row] = []
         self.peaks = peaks  # dtype -> FLOP/s
 
-    def add(self, part: str, ours: Case, base: Case | None, note: str = "") -> None:
-        self.rows.append(Row(part, ours, base, note))
+    def add(self, part: str, ours: Case, base: Case | None, note: str = "", key: str | None = None) -> None:
+        """Print a row; ``key`` (e.g. ``"pretrain"``) also puts it in ``summary()`` under ``key`` and
+        the dtype of ``ours``."""
+        self.rows.append(Row(part, ours, base, note, key))
         self.print_row(self.rows[-1])
+
+    def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{key: {dtype: {"ours", "baseline" (img/s), "ratio", "ours_peak_mib", "baseline_peak_mib",
+        "ours_name", "baseline_name", "ours_peak_fraction", "baseline_peak_fraction"}}}`` of the rows
+        added with a ``key`` and a baseline (what ``--json`` writes)."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for row in self.rows:
+            o, b = row.ours, row.base
+            if row.key is None or b is None:
+                continue
+            peak = self.peaks.get(o.dtype)
+            out.setdefault(row.key, {})[o.dtype] = {
+                "ours": o.img_s, "baseline": b.img_s, "ratio": o.img_s / b.img_s,
+                "ours_peak_mib": o.peak_mib, "baseline_peak_mib": b.peak_mib,
+                "ours_name": o.name, "baseline_name": b.name,
+                "ours_peak_fraction": o.flops / o.seconds / peak if peak and o.flops else None,
+                "baseline_peak_fraction": b.flops / b.seconds / peak if peak and b.flops else None,
+                "note": row.note,
+            }
+        return out
 
     def fraction(self, case: Case) -> str:
         peak = self.peaks.get(case.dtype)

@@ -81,3 +81,27 @@ def test_interleave_alternates_the_cases_and_counts_flops_once():
     assert ours.flops == base.flops == 2 * 8**3
     assert len(ours.times) == len(base.times) == 3 and len(ours.peaks) == 3
     assert ours.img_s == 4 / ours.seconds
+
+
+def test_json_summary_holds_the_keyed_rows_per_part_and_dtype(tmp_path):
+    from mae_transfer.speed.harness import Report
+
+    report = Report({"fp32": 1e9})
+    ours, base = Case("ours", lambda: None, images=8, dtype="fp32"), Case("base", lambda: None, images=8, dtype="fp32")
+    ours.times, base.times, ours.peaks, base.peaks = [2.0], [4.0], [2**20 * 30], [2**20 * 60]
+    ours.flops = 4e9
+    report.add("pretrain base", ours, base, key="pretrain")
+    report.add("unkeyed", ours, base)
+    summary = report.summary()
+    assert list(summary) == ["pretrain"]
+    row = summary["pretrain"]["fp32"]
+    assert (row["ours"], row["baseline"], row["ratio"]) == (4.0, 2.0, 2.0)
+    assert (row["ours_peak_mib"], row["baseline_peak_mib"]) == (30.0, 60.0)
+    assert row["ours_peak_fraction"] == 2.0 and row["baseline_peak_fraction"] is None
+
+
+def test_bench_speed_refuses_an_unwritable_json_path_before_measuring(tmp_path):
+    proc = _outside_checkout(tmp_path, "--parts", "peak", "--peak-size", "32", "--json", str(tmp_path))
+    assert proc.returncode == 2
+    assert "--json file" in proc.stderr and "is a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert "matmul peak" not in proc.stdout
