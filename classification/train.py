@@ -57,7 +57,7 @@ from training.loop import Counters, EpochStats
 from training.monitor import Monitor
 from training.run import RunParts, Trainer, data_loader, effective_batch, epoch_sampler, run, write_json
 from training.run import RunResult as BaseRunResult
-from training.precision import resolve_amp
+from training.precision import resolve_amp, resolve_precision
 from training.schedule import absolute_lr, cosine_schedule
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ class ClassifierTrainer(Trainer):
                   "checkpoint_load": str(load_report) if load_report else None, "lr": lr,
                   "images": len(train_set), "val_images": len(self.val_loader.dataset), "classes": len(classes),
                   "precision": str(amp_dtype or "fp32")}
-        return RunParts(model, optimizer, scaler, sampler, train_loader, recipe, record)
+        return RunParts(model, optimizer, scaler, sampler, train_loader, recipe, record,
+                        resolve_precision(cfg.precision, info.device))
 
     def restore(self, state: Mapping[str, Any], parts: RunParts, source: str) -> int:
         restore_training_state(state, parts.model, parts.optimizer, parts.scaler, self.ema, source)

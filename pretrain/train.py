@@ -179,7 +179,7 @@ class PretrainTrainer(Trainer):
             recipe = MaeStep(mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, **limits)
         loader = data_loader(dataset, sampler, collate, cfg, info)
         record = {"method": cfg.method, "lr": lr, "images": len(dataset), "precision": precision}
-        return RunParts(model, optimizer, scaler, sampler, loader, recipe, record)
+        return RunParts(model, optimizer, scaler, sampler, loader, recipe, record, precision)
 
     def restore(self, state: Mapping[str, Any], parts: RunParts, source: str) -> int:
         epochs_done, _, _ = restore_training_state(state, parts.model, parts.optimizer, parts.scaler, source)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from training.distributed import DistInfo, all_reduce_sum
+from training.fastpath import WorkingWeights
 from training.monitor import Monitor
 from training.schedule import set_lr
 
@@ -142,6 +143,7 @@ def train_one_epoch(
     info: DistInfo,
     monitor: Monitor,
     seen_failures: set[str] | None = None,
+    working: WorkingWeights | None = None,
 ) -> EpochStats:
     """Train ``steps`` optimizer steps from ``loader`` (``steps * accum_iter`` micro-batches).
 
@@ -152,6 +154,9 @@ def train_one_epoch(
         setup: the task's part (a ``StepRecipe``).
         counters: updated in place (schedule position, non-finite and skip counts).
         seen_failures: unreadable files already warned about (each is warned about once).
+        working: the bf16 working weights ``model`` runs on (``training.fastpath``), or None: each
+            micro-batch's gradients go onto the fp32 masters (the optimizer's parameters), which
+            are written back into the working copies after each optimizer step.
     Raises:
         TrainingDiverged: ``setup.max_nonfinite`` steps in a row with a non-finite loss.
     """
@@ -175,7 +180,8 @@ def train_one_epoch(
                 n, compute_loss = setup.micro_batch(model, batch, device)
                 stats.images += n
                 sync = micro == setup.accum_iter - 1
-                no_sync = getattr(model, "no_sync", None)
+                # with working weights each micro-batch's (reduced) gradient moves onto the masters
+                no_sync = getattr(model, "no_sync", None) if working is None else None
                 ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
                 with ctx:
                     loss = None
@@ -190,6 +196,8 @@ def train_one_epoch(
                         ok, empty = False, not bad
                     else:
                         scaler.scale(loss / setup.accum_iter).backward()  # type: ignore[operator]
+                        if working is not None:
+                            working.grads_to_masters()
                         step_loss += loss_sum / info.world_size / setup.accum_iter
             bad_grad = False
             if ok:
@@ -206,7 +214,9 @@ def train_one_epoch(
             if ok:
                 scaler.step(optimizer)
                 scaler.update()
-                setup.after_step(model, counters.step)
+                if working is not None:
+                    working.refresh()
+                setup.after_step(model if working is None else working.model, counters.step)
                 counters.nonfinite_in_a_row = 0
                 stats.loss_sum += step_loss
                 stats.good_steps += 1

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
+from training.fastpath import COMPILE_CHOICES
 from training.precision import PRECISIONS
 
 
@@ -225,6 +226,12 @@ class RunOptions(Options):
                             default="auto", choices=PRECISIONS)
     num_workers: int = option("data-loading processes per training process (default: the CPUs this process "
                               "may use, at most 8)", default=default_num_workers())
+    working_weights: bool = option("with bf16: keep bf16 working copies of the matmul weights, fp32 master weights "
+                                   "and optimizer state (the same run as plain autocast, without its weight casts)",
+                                   default=True)
+    compile: str = option("torch.compile the training step's model: auto = on with CUDA, off on the CPU (where it "
+                          "did not pay); falls back to eager with one warning when it fails",
+                          default="auto", choices=COMPILE_CHOICES)
     device: str = option("auto, cpu, cuda", default="auto", choices=("auto", "cpu", "cuda"))
     dist_backend: str = option("torch.distributed backend: auto = nccl with CUDA, else gloo", default="auto")
     tensorboard: bool = option("write TensorBoard scalars", default=True)

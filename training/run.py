@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from mae_backbone import atomic_write
 from training.data import DataError, EpochBatchSampler
 from training.distributed import DistInfo, barrier, cleanup, init_distributed
+from training.fastpath import fast_path
 from training.loop import Counters, EpochStats, StepRecipe, train_one_epoch
 from training.monitor import Monitor
 from training.state import check_finite_weights, seed_epoch_rngs, warn_config_changes
@@ -64,6 +65,7 @@ class RunParts:
     loader: Iterable[dict[str, Any]]
     recipe: StepRecipe
     record: dict[str, Any]  # the run record (``type: run``) besides what the skeleton adds
+    precision: str = "fp32"  # resolved (fp32 / bf16 / fp16): with bf16 the step runs on bf16 working weights
 
 
 class Trainer:
@@ -197,6 +199,10 @@ def run(trainer: Trainer) -> RunResult:
             del state
             logger.info("resumed from %s: %d epochs, %d steps done", resume, start_epoch, counters.step)
 
+        # after the weights are in place: bf16 working copies are taken from the restored masters
+        fast = fast_path(parts.model, parts.precision, info.device, cfg.working_weights, cfg.compile)
+        if info.is_main:
+            logger.info("%s", fast.describe())
         monitor = Monitor(out, enabled=info.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
         trainer.monitor = monitor
         if info.is_main:
@@ -205,9 +211,9 @@ def run(trainer: Trainer) -> RunResult:
             monitor.log({"type": "run", **parts.record, "resumed_from": str(resume) if resume else None,
                          "start_epoch": start_epoch, "world_size": info.world_size,
                          "effective_batch": effective_batch(cfg, info), "steps_per_epoch": parts.sampler.steps_per_epoch,
-                         "device": str(info.device)})
+                         "device": str(info.device), "step": fast.describe()})
 
-        model = parts.model
+        model = fast.step_model
         if info.distributed:
             model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
         result = trainer.new_result(out, start_epoch, counters.step, resume)
@@ -216,7 +222,7 @@ def run(trainer: Trainer) -> RunResult:
             seed_epoch_rngs(cfg.seed, epoch, info.rank)
             parts.sampler.set_epoch(epoch)
             stats = train_one_epoch(model, parts.loader, parts.sampler.steps_per_epoch, parts.optimizer, parts.scaler,
-                                    parts.recipe, counters, epoch, info, monitor, seen_failures)
+                                    parts.recipe, counters, epoch, info, monitor, seen_failures, fast.working)
             done = epoch + 1
             record = trainer.epoch_record(done, stats, counters, parts)
             result.history.append(record)

@@ -74,8 +74,10 @@ def test_loss_falls_and_the_run_folder_is_complete(tmp_path, image_folder, tiny_
         assert torch.equal(v, state["model"][k]), k
 
 
-def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, image_folder, tiny_config):
-    opts = dict(epochs=3, batch_size=2, accum_iter=2, warmup_epochs=1, lr=2e-3, masking="block", mask_ratio=0.5)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the default fast path, bf16 working weights
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, image_folder, tiny_config, precision):
+    opts = dict(epochs=3, batch_size=2, accum_iter=2, warmup_epochs=1, lr=2e-3, masking="block", mask_ratio=0.5,
+                precision=precision, clip_grad=1.0)
     full = train(tiny_config(image_folder, tmp_path / "full", **opts))
     cfg = tiny_config(image_folder, tmp_path / "cut", **opts)
     with pytest.raises(KeyboardInterrupt):  # 8 micro-batches per epoch: stop in the middle of epoch 2
