@@ -6,7 +6,8 @@
 - any COCO-format json + image folder: ``register_coco_dataset(name, json, image_root)``
   validates both, then registers them with Detectron2's ``register_coco_instances``.
 - evaluation: ``build_coco_evaluator`` is ``COCOEvaluator`` with pycocotools' own evaluation when
-  Detectron2's C++ ops (its fast COCOeval) are not installed.
+  Detectron2's C++ ops (its fast COCOeval) are not installed, and with a complete result when the
+  model detected nothing (``CompleteCOCOEvaluator``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any, Iterable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+import numpy as np
 from PIL import Image
 
 IMAGE_FIELDS = ("id", "file_name", "height", "width")
@@ -301,9 +304,75 @@ def has_fast_coco_eval() -> bool:
     return True
 
 
+# COCO's area ranges of APs / APm / APl (pixels^2 of the annotation's area)
+AREA_RANGES = {"APs": (0.0, 32.0 ** 2), "APm": (32.0 ** 2, 96.0 ** 2), "APl": (96.0 ** 2, float("inf"))}
+NO_DETECTIONS = "no detections above the model's test score threshold"
+NO_OBJECTS = "the evaluation set has no annotated objects"
+
+
+class CompleteCOCOEvaluator(COCOEvaluator):
+    """``COCOEvaluator`` whose result has every task the model predicts, also when it detected nothing.
+
+    Detectron2's evaluator returns only a ``bbox`` entry of NaNs when a model made no detection
+    (no ``segm`` at all, although the model has a mask head). Here each task of
+    ``expected_tasks`` (set by the caller from the model; default: those evaluated) is present:
+    with no detection its AP is what COCO's definition gives, 0 for every category and area range
+    that has ground truth (recall 0 at every threshold) and NaN where nothing is annotated.
+    ``notes`` says, per task, why a number is 0 or NaN; it is logged as a warning.
+    """
+
+    expected_tasks: tuple[str, ...] | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.notes: dict[str, str] = {}
+
+    def evaluate(self, img_ids: Any = None) -> dict[str, Any]:
+        local = sum(len(p.get("instances", ())) for p in self._predictions)
+        detections = sum(comm.gather(local, dst=0)) if self._distributed else local
+        results = super().evaluate(img_ids)
+        if self._distributed and not comm.is_main_process():
+            return results
+        results = dict(results or {})
+        self.notes = {}
+        expected = tuple(self.expected_tasks or ()) or tuple(results) or ("bbox",)
+        for task in expected:
+            if detections == 0:
+                results[task] = self._no_detection_result(img_ids)
+                self.notes[task] = NO_OBJECTS if not self._annotations(img_ids) else NO_DETECTIONS
+            elif task not in results:
+                results[task] = {"AP": float("nan")}
+                self.notes[task] = "the predictions have no output for this task (e.g. no masks)"
+            elif not np.isfinite(results[task].get("AP", float("nan"))):
+                self.notes[task] = NO_OBJECTS if not self._annotations(img_ids) else "COCO evaluation gave no AP"
+        for task, note in self.notes.items():
+            self._logger.warning("%s: %s (AP %s)", task, note, results[task].get("AP"))
+        return results
+
+    def _annotations(self, img_ids: Any) -> list[dict[str, Any]]:
+        """The ground-truth annotations evaluated (crowd regions are not objects to find)."""
+        api = self._coco_api
+        ids = api.getAnnIds(imgIds=list(img_ids) if img_ids is not None else [], iscrowd=False)
+        return api.loadAnns(ids)
+
+    def _no_detection_result(self, img_ids: Any) -> dict[str, float]:
+        """COCO's metrics of an empty prediction set: 0 where there is ground truth, NaN elsewhere."""
+        anns = self._annotations(img_ids)
+        nan = float("nan")
+        found = {m: 0.0 if anns else nan for m in ("AP", "AP50", "AP75")}
+        for metric, (lo, hi) in AREA_RANGES.items():
+            found[metric] = 0.0 if any(lo <= a.get("area", 0.0) < hi for a in anns) else nan
+        names = self._metadata.get("thing_classes")
+        id_map = self._metadata.get("thing_dataset_id_to_contiguous_id")
+        if names and len(names) > 1 and id_map:
+            present = {id_map.get(a["category_id"]) for a in anns}
+            found.update({f"AP-{name}": 0.0 if k in present else nan for k, name in enumerate(names)})
+        return found
+
+
 def build_coco_evaluator(dataset_name: str | Iterable[str], output_dir: str | None = None,
-                         use_fast_impl: bool | None = None, **kwargs: Any) -> COCOEvaluator:
-    """``COCOEvaluator`` (box and mask AP through pycocotools) that works without Detectron2's C++ ops.
+                         use_fast_impl: bool | None = None, **kwargs: Any) -> CompleteCOCOEvaluator:
+    """``CompleteCOCOEvaluator`` (box and mask AP through pycocotools), without Detectron2's C++ ops too.
 
     Args:
         dataset_name: a registered dataset (a one-element list is accepted, as configs often hold).
@@ -314,4 +383,4 @@ def build_coco_evaluator(dataset_name: str | Iterable[str], output_dir: str | No
     if len(names) != 1:
         raise ValueError(f"COCO evaluation takes one dataset at a time, got {names}")
     fast = has_fast_coco_eval() if use_fast_impl is None else use_fast_impl
-    return COCOEvaluator(names[0], output_dir=output_dir, use_fast_impl=fast, **kwargs)
+    return CompleteCOCOEvaluator(names[0], output_dir=output_dir, use_fast_impl=fast, **kwargs)

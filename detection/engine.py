@@ -44,7 +44,8 @@ from torch import nn
 from detection.backbone import SimpleFeaturePyramid, ViTMultiScale
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import CONFIG_DIR, ConfigError, get_config_file, is_lazy, load_config
-from detection.data import (DatasetError, NamingMapper, build_coco_evaluator, check_dataset, check_image,
+from detection.data import (CompleteCOCOEvaluator, DatasetError, NamingMapper, build_coco_evaluator, check_dataset,
+                            check_image,
                             dataset_num_classes, register_coco_dataset)
 from detection.optim import get_vit_param_groups
 from mae_backbone import CheckpointError
@@ -392,7 +393,9 @@ class ViTTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
-        return build_coco_evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
+        evaluator = build_coco_evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
+        evaluator.expected_tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return evaluator
 
     def build_hooks(self) -> list:
         self.checkpointer = SafeDetectionCheckpointer.replacing(self.checkpointer, self._trust_pickle)
@@ -481,15 +484,34 @@ def _naming_loader(loader_cfg: Any) -> Any:
     return target(mapper=NamingMapper(instantiate(loader_cfg.mapper)), **kwargs)
 
 
-def do_test(cfg: Any, model: nn.Module) -> dict[str, Any]:
-    """COCO evaluation of ``model`` on the config's test set: ``{"bbox": {"AP": ...}, "segm": {...}}``."""
+def model_tasks(model: nn.Module) -> tuple[str, ...]:
+    """The COCO tasks a detector predicts: ``("bbox", "segm")`` with a mask head, else ``("bbox",)``."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return ("bbox", "segm") if getattr(getattr(model, "roi_heads", None), "mask_on", False) else ("bbox",)
+
+
+def evaluate(cfg: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
+    """COCO evaluation of ``model`` on the config's test set: ``({"bbox": {"AP": ...}, "segm": {...}}, notes)``.
+
+    With ``CompleteCOCOEvaluator`` (the shipped configs') every task the model predicts is in the
+    result, also when it detected nothing; ``notes`` (``{task: why}``) says why a number is 0 or NaN.
+    """
     if not is_lazy(cfg):
-        return ViTTrainer.test(cfg, model)
-    evaluator = instantiate(cfg.dataloader.evaluator)
-    results = inference_on_dataset(model, _naming_loader(cfg.dataloader.test), evaluator)
-    if comm.is_main_process():
-        print_csv_format(results)
-    return results
+        evaluators = [ViTTrainer.build_evaluator(cfg, name) for name in cfg.DATASETS.TEST]
+        results = ViTTrainer.test(cfg, model, evaluators)
+    else:
+        evaluators = [instantiate(cfg.dataloader.evaluator)]
+        if isinstance(evaluators[0], CompleteCOCOEvaluator):
+            evaluators[0].expected_tasks = model_tasks(model)
+        results = inference_on_dataset(model, _naming_loader(cfg.dataloader.test), evaluators[0])
+        if comm.is_main_process():
+            print_csv_format(results)
+    return results, {task: note for e in evaluators for task, note in getattr(e, "notes", {}).items()}
+
+
+def do_test(cfg: Any, model: nn.Module) -> dict[str, Any]:
+    """``evaluate``'s results alone (what Detectron2's ``EvalHook`` takes: numbers only)."""
+    return evaluate(cfg, model)[0]
 
 
 def do_train(cfg: DictConfig, resume: bool = False, trust_pickle: bool = False) -> SimpleTrainer:
@@ -544,10 +566,13 @@ def train_main(opts: RunOptions) -> Any:
 
 
 def eval_main(opts: RunOptions) -> dict[str, Any]:
-    """``detect eval``: COCO AP of trained weights; also written to ``OUTPUT/eval_results.json``."""
+    """``detect eval``: COCO AP of trained weights (and ``"notes"``: why a number is 0 or NaN, when
+    one is); also written to ``OUTPUT/eval_results.json``."""
     cfg = setup(opts, eval_only=True)
     model = load_trained_model(cfg, opts.weights, opts.trust_pickle)
-    results = do_test(cfg, create_ddp_model(model))
+    results, notes = evaluate(cfg, create_ddp_model(model))
+    if notes:  # why a number is 0 or NaN (e.g. no detections), beside the numbers
+        results = {**results, "notes": notes}
     if comm.is_main_process():
         path = Path(output_dir(cfg)) / "eval_results.json"
         path.parent.mkdir(parents=True, exist_ok=True)

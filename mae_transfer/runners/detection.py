@@ -176,8 +176,10 @@ def run_detection(backbone: Backbone, recipe: Recipe, data: DataPaths, seed: int
     train_main(RunOptions(config=str(cfg_path), output=str(out)))
     weights = str(out / "model_final.pth")
     results = eval_main(RunOptions(config=str(cfg_path), output=str(out), weights=weights))
-    result = TaskResult({"AP box": float(results["bbox"]["AP"]), "AP mask": float(results["segm"]["AP"])},
-                        detectron2_curve(out / "metrics.json"), "iteration")
+    notes, tasks = results.get("notes", {}), {"AP box": "bbox", "AP mask": "segm"}
+    metrics = {m: float(results.get(t, {}).get("AP", float("nan"))) for m, t in tasks.items()}
+    result = TaskResult(metrics, detectron2_curve(out / "metrics.json"), "iteration",
+                        notes={m: notes[t] for m, t in tasks.items() if t in notes})
     if examples:
         result.examples = detect_examples(cfg_path, weights, val_name, examples)
     return result

@@ -188,3 +188,4 @@ class TaskResult:
     curve_unit: str = "iteration"
     examples: list[tuple[Path, Any]] = field(default_factory=list)  # (val image, prediction)
     note: str = ""
+    notes: dict[str, str] = field(default_factory=dict)  # metric -> why it is 0 or NaN (e.g. no detections)

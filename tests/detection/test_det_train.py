@@ -3,6 +3,7 @@ falling loss, evaluates to COCO AP, resumes, evaluates again and draws predictio
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import shutil
 from pathlib import Path
@@ -42,9 +43,9 @@ def test_training_loss_falls(trained):
 def test_training_writes_checkpoints_logs_and_a_coco_evaluation(trained):
     final = [row for row in _metrics(trained) if "bbox/AP" in row][-1]
     assert final["iteration"] == 12  # the evaluation after the last of 12 iterations
-    for task in ("bbox", "segm"):
+    for task in ("bbox", "segm"):  # both tasks evaluated, every class scored (a NaN: nothing evaluated)
         for key in ("AP", "AP50", "AP75", "AP-square", "AP-triangle"):
-            assert 0.0 <= final[f"{task}/{key}"] <= 100.0
+            assert math.isfinite(final[f"{task}/{key}"]), (task, key)
     names = {p.name for p in trained.iterdir()}
     assert {"model_0000005.pth", "model_final.pth", "last_checkpoint", "config.yaml", "log.txt"} <= names
     assert "config.yaml.pkl" not in names  # the config serializes as yaml
