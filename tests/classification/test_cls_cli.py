@@ -94,7 +94,7 @@ def test_eval_of_an_official_mae_fine_tuned_checkpoint(dataset, tmp_path):
     opts = dict(eval=True, data=str(dataset), checkpoint=str(path), img_size=32, num_workers=0, progress=False,
                 model="vit_tiny_patch16", model_kwargs={"depth": 2}, output=str(tmp_path / "ev"))
     metrics = evaluate_checkpoint(make_config("finetune", opts))
-    assert metrics["images"] == 24 and "avg pooling" in metrics["model"] and metrics["top5"] == 100.0
+    assert metrics["images"] == 24 and "avg pooling" in metrics["model"]
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["top1"] == metrics["top1"]
     vit3 = create_vit("vit_tiny_patch16", img_size=32, depth=2, num_classes=3)
     write_checkpoint(vit3.state_dict(), path, format="mae")

@@ -100,7 +100,7 @@ def test_a_pretrained_tiny_encoder_fine_tunes_well_above_chance(dataset, tmp_pat
     assert len(doc["epochs"]) == 8 and doc["last"]["images"] == 24
     chance = 100.0 / 4
     assert doc["last"]["top1"] >= 2 * chance, doc["last"]
-    assert doc["best"]["top1"] >= doc["last"]["top1"] and doc["last"]["top5"] == 100.0  # 4 classes
+    assert doc["best"]["top1"] >= doc["last"]["top1"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # --eval alone on the exported classifier reproduces the last epoch's numbers
     assert main(["finetune", "--eval", "--checkpoint", str(out / MODEL_NAME), "--data", str(dataset),
