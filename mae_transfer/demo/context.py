@@ -17,7 +17,8 @@ class DemoPlan:
     """Sizes of the demo; ``quick`` is the ~3-minute smoke run, the default fits 15 minutes on 2 cores."""
 
     quick: bool = False
-    seed: int = 0
+    seed: int = 0  # of the data, the pretraining, segmentation and detection
+    cls_seeds: tuple[int, ...] = (0, 1, 2)  # of each classification protocol: mean ± std over these
     recipe: Recipe = field(default_factory=Recipe.demo)
     pretrain_epochs: int = 40
     pretrain_blr: float = 8e-3
@@ -26,9 +27,11 @@ class DemoPlan:
 
     @classmethod
     def make(cls, quick: bool, seed: int = 0) -> "DemoPlan":
+        seeds = tuple(range(seed, seed + 3))
         if quick:
-            return cls(quick=True, seed=seed, recipe=Recipe.demo(quick=True), pretrain_epochs=3, examples=2)
-        return cls(seed=seed)
+            return cls(quick=True, seed=seed, cls_seeds=seeds, recipe=Recipe.demo(quick=True), pretrain_epochs=3,
+                       examples=2)
+        return cls(seed=seed, cls_seeds=seeds)
 
 
 # key -> (title, function, planned seconds in the full demo on 2 cores: used for the ETA only)
@@ -41,7 +44,9 @@ class DemoContext:
 
     out: Path
     plan: DemoPlan
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # task:metric -> init -> value
+    # task:metric -> init -> [value per seed]; "data" / "pretrain" -> {fact: value}
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: dict[str, dict[str, str]] = field(default_factory=dict)  # task:metric -> init -> why it is 0 / n.a.
     errors: dict[str, str] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)

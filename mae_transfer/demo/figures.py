@@ -97,8 +97,10 @@ def plot_detections(examples: dict[str, list[tuple[Path, np.ndarray]]], path: Pa
     return _save(fig, path)
 
 
-def plot_bars(groups: Sequence[tuple[str, dict[str, float]]], title: str, path: Path) -> Path | None:
-    """Grouped bars: one group per (label, {series: value}); None when there is nothing to draw."""
+def plot_bars(groups: Sequence[tuple[str, dict[str, float]]], title: str, path: Path,
+              errors: Sequence[dict[str, float]] | None = None) -> Path | None:
+    """Grouped bars: one group per (label, {series: value}), with ``errors`` (one {series: value}
+    per group) as whiskers; None when there is nothing to draw."""
     if not groups:
         return None
     plt = _pyplot()
@@ -107,8 +109,9 @@ def plot_bars(groups: Sequence[tuple[str, dict[str, float]]], title: str, path: 
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
     x = np.arange(len(groups))
     for k, name in enumerate(series):
+        whiskers = [e.get(name, 0.0) for e in errors] if errors else None
         ax.bar(x + (k - (len(series) - 1) / 2) * width, [values.get(name, 0.0) for _, values in groups], width,
-               label=name)
+               yerr=whiskers, capsize=3 if whiskers else 0, label=name)
     ax.set_xticks(x, [label for label, _ in groups], fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)

@@ -1,9 +1,18 @@
-"""The demo's Markdown report (``report.md``) and its machine-readable twin (``results.json``)."""
+"""The demo's Markdown report (``report.md``) and its machine-readable twin (``results.json``).
+
+Each result cell holds one value per seed. A cell of several seeds shows mean ± std (sample
+standard deviation, as ``mae-transfer bench``); one init is called *ahead* only when the two
+mean ± std ranges do not overlap, i.e. the difference of the means exceeds the sum of the two
+spreads. A one-seed cell says so, and its difference is not called ahead.
+"""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Sequence
 
+from mae_transfer.bench import Row
 from mae_transfer.demo.context import INIT_LABELS, INITS, DemoContext
 from mae_transfer.demo.figures import plot_bars
 
@@ -14,17 +23,51 @@ RESULT_ROWS = (  # (stage, result key, metric title)
 )
 
 
-def _verdict(mae: float, random: float) -> str:
-    if mae > random:
-        return "MAE higher"
-    return "random init higher" if random > mae else "tie"
+def _stats(values: Sequence[float]) -> Row:
+    """mean / std over seeds, computed as ``mae-transfer bench`` does (NaN: the metric had no value)."""
+    return Row("", "", "", [float(v) for v in values], [])
+
+
+def cell_text(values: Sequence[float]) -> str:
+    """``61.50 ± 1.20`` over several seeds, ``61.50`` for one, ``n.a.`` for a missing number."""
+    s = _stats(values)
+    if s.mean is None or math.isnan(s.mean):
+        return "n.a."
+    return f"{s.mean:.2f} ± {s.std:.2f}" if s.std is not None else f"{s.mean:.2f}"
+
+
+def verdict(mae: Sequence[float], random: Sequence[float]) -> str:
+    """Which init is ahead, and whether the seeds say so (see the module's docstring)."""
+    a, b = _stats(mae), _stats(random)
+    if a.mean is None or b.mean is None or math.isnan(a.mean) or math.isnan(b.mean):
+        return "n.a."
+    if a.n < 2 or b.n < 2:
+        leader = "MAE higher" if a.mean > b.mean else "random init higher" if b.mean > a.mean else "tie"
+        return f"{leader} (one seed: no spread measured)"
+    gap, spread = a.mean - b.mean, a.std + b.std
+    if abs(gap) > spread:
+        who = "MAE" if gap > 0 else "random init"
+        return f"**{who} ahead** by {abs(gap):.2f} (> spread {spread:.2f})"
+    return f"within the seed spread ({abs(gap):.2f} <= {spread:.2f})"
+
+
+def _seeds_text(values: Sequence[float]) -> str:
+    return "one seed" if len(values) == 1 else f"{len(values)} seeds"
 
 
 def plot_results(ctx: DemoContext, path: Path) -> Path | None:
-    """The results table as grouped bars, MAE vs random init (None: no stage has both numbers)."""
-    groups = [(f"{stage}\n{metric}", {INIT_LABELS[i]: ctx.results[key][i] for i in INITS})
-              for stage, key, metric in RESULT_ROWS if key in ctx.results and all(i in ctx.results[key] for i in INITS)]
-    return plot_bars(groups, "results: MAE vs random init (same recipe, same seed)", path)
+    """The results table as grouped bars (mean, std as error bars), MAE vs random init (None: no
+    stage has both numbers)."""
+    groups, errors = [], []
+    for stage, key, metric in RESULT_ROWS:
+        res = ctx.results.get(key)
+        if res and all(i in res for i in INITS):
+            stats = {INIT_LABELS[i]: _stats(res[i]) for i in INITS}
+            groups.append((f"{stage}\n{metric}", {n: s.mean if s.mean is not None and not math.isnan(s.mean) else 0.0
+                                                   for n, s in stats.items()}))
+            errors.append({n: s.std or 0.0 for n, s in stats.items()})
+    return plot_bars(groups, "results: MAE vs random init (same recipe and seeds; bars: mean, whiskers: std)", path,
+                     errors)
 
 
 def write_report(ctx: DemoContext, finished: bool) -> Path:
@@ -33,23 +76,26 @@ def write_report(ctx: DemoContext, finished: bool) -> Path:
     lines = ["# mae-transfer demo report", ""]
     if not finished:
         lines += ["**Interrupted**: the report shows the stages that finished.", ""]
-    lines += [f"Mode: {'quick' if plan.quick else 'full'}; seed {plan.seed}; encoder {plan.recipe.arch}, "
-              f"{plan.recipe.img_size} px classification, {plan.recipe.seg_size} px scenes. One run per cell: "
-              "the differences are a single seed's, not a measured spread.", ""]
-    lines += ["## Results", "", "| task | metric | MAE | random init | |", "|---|---|---|---|---|"]
+    lines += [f"Mode: {'quick' if plan.quick else 'full'}; encoder {plan.recipe.arch}, {plan.recipe.img_size} px "
+              f"classification, {plan.recipe.seg_size} px scenes. Classification protocols: seeds "
+              f"{', '.join(map(str, plan.cls_seeds))}, mean ± std (sample std); segmentation and detection: seed "
+              f"{plan.seed} only. An init is called ahead only when the mean ± std ranges do not overlap.", ""]
+    lines += ["## Results", "", "| task | metric | MAE | random init | seeds | |", "|---|---|---|---|---|---|"]
     if ctx.stages:
         stages = ctx.stages
     else:
         from mae_transfer.demo.stages import STAGES as stages
     for key, (title, _, _) in stages.items():
         if key in ctx.errors:
-            lines.append(f"| {title} | **failed** | `{ctx.errors[key]}` | | see error_{key}.txt |")
+            lines.append(f"| {title} | **failed** | `{ctx.errors[key]}` | | | see error_{key}.txt |")
             continue
         for stage, rkey, metric in RESULT_ROWS:
             res = ctx.results.get(rkey)
             if stage == key and res and all(i in res for i in INITS):
-                lines.append(f"| {title} | {metric} | {res['mae']:.2f} | {res['random']:.2f} | "
-                             f"{_verdict(res['mae'], res['random'])} |")
+                why = "; ".join(f"{INIT_LABELS[i]}: {n}" for i, n in ctx.notes.get(rkey, {}).items())
+                lines.append(f"| {title} | {metric} | {cell_text(res['mae'])} | {cell_text(res['random'])} | "
+                             f"{_seeds_text(res['mae'])} | {verdict(res['mae'], res['random'])}"
+                             f"{f' ({why})' if why else ''} |")
     if any(k.endswith(":top-1") for k in ctx.results):
         from mae_transfer.sample_data import CATEGORIES
 
@@ -69,6 +115,6 @@ def write_report(ctx: DemoContext, finished: bool) -> Path:
     report = ctx.out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     (ctx.out / "results.json").write_text(json.dumps(
-        {"finished": finished, "results": ctx.results, "errors": ctx.errors, "timings": ctx.timings},
-        indent=2, default=str))
+        {"finished": finished, "results": ctx.results, "notes": ctx.notes, "errors": ctx.errors,
+         "timings": ctx.timings}, indent=2, default=str))
     return report

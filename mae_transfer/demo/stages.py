@@ -13,7 +13,7 @@ from typing import Any
 from mae_transfer import runners
 from mae_transfer.demo.context import INIT_LABELS, INITS, DemoContext, Stages
 from mae_transfer.demo.figures import plot_curves, plot_detections, plot_segmentations
-from mae_transfer.runners import TASK_METRICS, Backbone, DataPaths, TaskResult
+from mae_transfer.runners import CLASSIFICATION_TASKS, TASK_METRICS, Backbone, DataPaths, TaskResult
 
 
 def stage_data(ctx: DemoContext) -> None:
@@ -89,20 +89,32 @@ def _encoder(ctx: DemoContext) -> Path:
 
 
 def _transfer(ctx: DemoContext, task: str) -> dict[str, TaskResult]:
-    """``task`` from the MAE encoder and from random init, same recipe and seed."""
+    """``task`` from the MAE encoder and from random init, same recipe and seeds (the classification
+    protocols over ``plan.cls_seeds``, the others on ``plan.seed``); returns the first seed's runs."""
+    plan = ctx.plan
+    seeds = plan.cls_seeds if task in CLASSIFICATION_TASKS else (plan.seed,)
     backbones = {"mae": Backbone("MAE", _encoder(ctx), method="mae"),
                  "random": Backbone("random init", method="scratch")}
-    found: dict[str, TaskResult] = {}
+    runs: dict[str, list[TaskResult]] = {}
     for init, backbone in backbones.items():
-        found[init] = runners.run_task(task, backbone, ctx.plan.recipe, DataPaths.sample(ctx.data), ctx.plan.seed,
-                               ctx.out / task / init, examples=ctx.plan.examples)
+        for seed in seeds:
+            out = ctx.out / task / init / f"seed{seed}"
+            runs.setdefault(init, []).append(runners.run_task(
+                task, backbone, plan.recipe, DataPaths.sample(ctx.data), seed, out,
+                examples=plan.examples if seed == seeds[0] else 0))
     for metric in TASK_METRICS[task]:
-        ctx.results[f"{task}:{metric}"] = {init: r.metrics[metric] for init, r in found.items()}
-    unit = found["mae"].curve_unit
+        key = f"{task}:{metric}"
+        ctx.results[key] = {init: [r.metrics[metric] for r in found] for init, found in runs.items()}
+        notes = {init: "; ".join(dict.fromkeys(r.notes[metric] for r in found if metric in r.notes))
+                 for init, found in runs.items()}
+        if any(notes.values()):
+            ctx.notes[key] = {init: note for init, note in notes.items() if note}
+    first = {init: found[0] for init, found in runs.items()}
     ctx.figures[f"{task}: training loss"] = plot_curves(
-        {INIT_LABELS[i]: r.curve for i, r in found.items()}, f"{task}: training loss, MAE vs random init", unit,
+        {INIT_LABELS[i]: r.curve for i, r in first.items()},
+        f"{task}: training loss, MAE vs random init (seed {seeds[0]})", first["mae"].curve_unit,
         ctx.out / "figures" / f"{task}_loss.png")
-    return found
+    return first
 
 
 def _examples(found: dict[str, TaskResult]) -> dict[str, list[tuple[Path, Any]]]:

@@ -50,6 +50,6 @@ def run_task(task: str, backbone: Backbone, recipe: Recipe, data: DataPaths, see
 
 
 __all__ = [
-    "TASKS", "TASK_METRICS", "Arch", "Backbone", "DataPaths", "Recipe", "TaskResult", "checkpoint_arch",
-    "run_classification", "run_detection", "run_segmentation", "run_task",
+    "CLASSIFICATION_TASKS", "TASKS", "TASK_METRICS", "Arch", "Backbone", "DataPaths", "Recipe", "TaskResult",
+    "checkpoint_arch", "run_classification", "run_detection", "run_segmentation", "run_task",
 ]

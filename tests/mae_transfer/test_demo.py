@@ -12,9 +12,10 @@ from mae_transfer.runners import Arch, checkpoint_arch
 
 
 def _record(task, mae, random):
+    """A stage that records ``mae`` / ``random`` (a value, or a list of one value per seed)."""
     def stage(ctx: DemoContext) -> None:
-        for metric_key, values in ((f"{task}:top-1" if task != "detect" else "detect:AP box", (mae, random)),):
-            ctx.results[metric_key] = {"mae": values[0], "random": values[1]}
+        key = f"{task}:top-1" if task != "detect" else "detect:AP box"
+        ctx.results[key] = {init: v if isinstance(v, list) else [v] for init, v in (("mae", mae), ("random", random))}
         ctx.figures[f"{task}: training loss"] = plot_curves(
             {"MAE": [(1.0, 2.0), (2.0, 1.0)], "random init": [(1.0, 2.0), (2.0, 1.5)]}, task, "epoch",
             ctx.out / "figures" / f"{task}_loss.png")
@@ -36,11 +37,11 @@ def test_failed_stage_is_reported_and_the_others_still_run(tmp_path):
     lines = []
     ctx = run_demo(tmp_path, stages=stages, log=lines.append)
     assert ctx.errors == {"segment": "RuntimeError: segmentation exploded"}
-    assert ctx.results["linprobe:top-1"] == {"mae": 55.0, "random": 30.0}  # ran after the failure
+    assert ctx.results["linprobe:top-1"] == {"mae": [55.0], "random": [30.0]}  # ran after the failure
     report = (tmp_path / "report.md").read_text()
     assert "| segmentation | **failed** | `RuntimeError: segmentation exploded` |" in report
-    assert "| fine-tuning | top-1 (%) | 61.50 | 40.25 | MAE higher |" in report
-    assert "| linear probing | top-1 (%) | 55.00 | 30.00 | MAE higher |" in report
+    assert "| fine-tuning | top-1 (%) | 61.50 | 40.25 | one seed | MAE higher (one seed: no spread measured) |" in report
+    assert "| linear probing | top-1 (%) | 55.00 | 30.00 | one seed | MAE higher (one seed: no spread measured) |" in report
     assert "Interrupted" not in report
     assert "Traceback" in (tmp_path / "error_segment.txt").read_text()
     assert any("FAILED" in line and "segmentation" in line for line in lines)
@@ -58,7 +59,7 @@ def test_ctrl_c_writes_the_report_of_what_finished(tmp_path):
         run_demo(tmp_path, stages=stages, log=lambda s: None)
     report = (tmp_path / "report.md").read_text()
     assert report.count("**Interrupted**") == 1
-    assert "| fine-tuning | top-1 (%) | 70.00 | 35.00 | MAE higher |" in report
+    assert "| fine-tuning | top-1 (%) | 70.00 | 35.00 | one seed |" in report
     assert "linear probing" not in report.split("## Timings")[0]  # never started
     assert json.loads((tmp_path / "results.json").read_text())["finished"] is False
 
@@ -72,8 +73,39 @@ def test_report_embeds_existing_pngs_and_the_results_chart(tmp_path):
     assert "figures/results.png" in images and "figures/finetune_loss.png" in images
     for rel in images:
         assert (tmp_path / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| fine-tuning | top-1 (%) | 50.00 | 50.00 | tie |" in report
-    assert "| detection | AP box | 3.00 | 4.00 | random init higher |" in report
+    assert "| fine-tuning | top-1 (%) | 50.00 | 50.00 | one seed | tie (one seed: no spread measured) |" in report
+    assert "| detection | AP box | 3.00 | 4.00 | one seed | random init higher (one seed: no spread measured) |" in report
+
+
+@pytest.mark.parametrize("mae, random, expected", [
+    # means 60 vs 50, stds 1 and 1: the gap 10 exceeds the spread 2
+    ([59.0, 60.0, 61.0], [49.0, 50.0, 51.0], "**MAE ahead** by 10.00 (> spread 2.00)"),
+    # means 52 vs 50, stds 3 and 1: the gap 2 is inside the spread 4, whatever the order of the means
+    ([49.0, 52.0, 55.0], [49.0, 50.0, 51.0], "within the seed spread (2.00 <= 4.00)"),
+    ([30.0, 30.0, 30.0], [40.0, 41.0, 42.0], "**random init ahead** by 11.00 (> spread 1.00)"),
+    ([float("nan")], [1.0], "n.a."),
+])
+def test_verdict_calls_an_init_ahead_only_beyond_the_seed_spread(mae, random, expected):
+    from mae_transfer.demo.report import cell_text, verdict
+
+    assert verdict(mae, random) == expected
+    assert cell_text([59.0, 60.0, 61.0]) == "60.00 ± 1.00" and cell_text([61.5]) == "61.50"
+    assert cell_text([float("nan")]) == "n.a."
+
+
+def test_report_shows_mean_std_over_seeds_and_the_reason_of_a_zero(tmp_path):
+    def detect(ctx: DemoContext) -> None:
+        ctx.results["detect:AP box"] = {"mae": [2.5], "random": [0.0]}
+        ctx.notes["detect:AP box"] = {"random": "no detections above the model's test score threshold"}
+
+    stages = {"linprobe": ("linear probing", _record("linprobe", [59.0, 60.0, 61.0], [49.0, 50.0, 51.0]), 1),
+              "detect": ("detection", detect, 1)}
+    run_demo(tmp_path, stages=stages, log=lambda s: None)
+    report = (tmp_path / "report.md").read_text()
+    assert ("| linear probing | top-1 (%) | 60.00 ± 1.00 | 50.00 ± 1.00 | 3 seeds | "
+            "**MAE ahead** by 10.00 (> spread 2.00) |") in report
+    assert ("| detection | AP box | 2.50 | 0.00 | one seed | MAE higher (one seed: no spread measured) "
+            "(random init: no detections above the model's test score threshold) |") in report
 
 
 def test_demo_stages_and_quick_plan():

@@ -179,8 +179,9 @@ def test_demo_and_bench_run_the_same_task_runner(tmp_path, monkeypatch):
     (tmp_path / "demo" / "pretrain").mkdir(parents=True)
     (tmp_path / "demo" / "pretrain" / ENCODER_NAME).write_bytes(b"")  # the recorder never reads it
     ctx = run_demo(tmp_path / "demo", only=["linprobe"], plan=plan, log=lambda s: None)
-    assert ctx.errors == {} and ctx.results["linprobe:top-1"] == {"mae": 50.0, "random": 50.0}
-    assert calls == [("linprobe", False, plan.recipe, 0), ("linprobe", True, plan.recipe, 0)]
+    assert ctx.errors == {} and ctx.results["linprobe:top-1"] == {"mae": [50.0] * 3, "random": [50.0] * 3}
+    assert calls == [("linprobe", False, plan.recipe, s) for s in (0, 1, 2)] + [
+        ("linprobe", True, plan.recipe, s) for s in (0, 1, 2)]  # three seeds per init
     calls.clear()
     bench = BenchPlan([Backbone("random")], ["linprobe"], [0], Recipe.demo(quick=True), DataPaths())
     result = run_bench(bench, tmp_path / "bench", log=lambda s: None)
