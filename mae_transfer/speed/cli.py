@@ -3,7 +3,7 @@
 Everything runs in this one process, on the same inputs and thread count; the two sides of each
 comparison alternate repetition by repetition and medians are reported (``harness``).  One module
 per part (``--parts``), run in this order: ``peak`` (the matmul peak, denominator of every "peak
-fraction"), ``data``, ``pretrain``, ``features``, ``detection``, ``segmentation``.
+fraction"), ``data``, ``pretrain``, ``finetune``, ``features``, ``detection``, ``segmentation``.
 
     mae-transfer bench-speed                                      # everything, CPU, 2 steps each
     mae-transfer bench-speed --parts peak pretrain --steps 3
@@ -23,7 +23,7 @@ import torch
 from mae_transfer.speed import harness
 from mae_transfer.speed.pretrain import SIZES
 
-PARTS = ("peak", "data", "pretrain", "features", "detection", "segmentation")
+PARTS = ("peak", "data", "pretrain", "finetune", "features", "detection", "segmentation")
 # part -> module with ``run(args, report, device)``; imported only when the part runs (each
 # needs its own framework); ``peak`` runs first, since every row's peak fraction divides by it
 PART_MODULES = {name: f"mae_transfer.speed.{name}" for name in PARTS[1:]}
@@ -47,8 +47,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--peak-size", type=int, default=0, help="GEMM side for the peak (default 2048 CPU, 8192 GPU)")
     p.add_argument("--model", choices=tuple(SIZES), default="base", help="ViT size for pretrain/features")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--profile", action="store_true", help="print a per-operator profile of ours and HF's pretraining step")
-    p.add_argument("--batch", type=int, default=8, help="pretraining batch (default %(default)s)")
+    p.add_argument("--profile", action="store_true", help="print a per-operator profile of both sides of the pretraining and fine-tuning steps")
+    p.add_argument("--batch", type=int, default=8, help="pretraining and fine-tuning batch (default %(default)s)")
     p.add_argument("--feat-batch", type=int, default=16, help="feature-extraction batch (default %(default)s)")
     p.add_argument("--data-images", type=int, default=32, help="images per data-loading round")
     p.add_argument("--det-size", type=int, default=1024)
