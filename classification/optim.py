@@ -1,6 +1,6 @@
 """Optimizers and the schedule of the two recipes.
 
-- fine-tuning (full or partial): AdamW (0.9, 0.999) over ``mae_backbone.layer_decay_param_groups``
+- fine-tuning (full or partial): AdamW (0.9, 0.999; the fused kernel, ``training.fastpath.fused_adamw``) over ``mae_backbone.layer_decay_param_groups``
   (each group's ``lr_scale`` = layer_decay ** (num_layers - 1 - layer_id), from the ViT's
   ``layer_id`` hook; no weight decay on norms, biases, ``pos_embed``, ``cls_token``); frozen
   parameters are not in any group;
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mae_backbone import layer_decay_param_groups
+from training.fastpath import fused_adamw
 
 
 def build_optimizer(model: nn.Module, protocol: str, lr: float, weight_decay: float,
@@ -33,5 +34,4 @@ def build_optimizer(model: nn.Module, protocol: str, lr: float, weight_decay: fl
             groups.append(dict(params=others, always_adapt=False, weight_decay=0.0, lr_scale=1.0,
                                param_names=[n for n, p in params if p.ndim <= 1]))
         return Lars(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, trust_coeff=0.001)
-    groups = layer_decay_param_groups(model, weight_decay, layer_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    return fused_adamw(layer_decay_param_groups(model, weight_decay, layer_decay), lr, (0.9, 0.999))

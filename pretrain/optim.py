@@ -3,12 +3,11 @@ warmup + cosine).  With bf16 the run keeps bf16 working copies of the weights an
 steps the model's fp32 parameters, the masters (``training.fastpath.WorkingWeights``)."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from mae_backbone import layer_decay_param_groups
+from training.fastpath import fused_adamw
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> torch.optim.AdamW:
@@ -18,7 +17,4 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> 
     model's ``no_weight_decay()`` names.  The fused kernel is used where torch has one for all
     parameters' devices (CPU, CUDA): same results, fewer passes over memory.
     """
-    groups = layer_decay_param_groups(model, weight_decay, layer_decay=1.0)
-    devices = {p.device.type for g in groups for p in g["params"]}
-    fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+    return fused_adamw(layer_decay_param_groups(model, weight_decay, layer_decay=1.0), lr, (0.9, 0.95))

@@ -12,6 +12,7 @@
   after each optimizer step (``refresh``).  The forward is the one autocast computes from the
   masters (the same rounding of the same weights) and the masters get the same gradients: a run
   is the plain bf16-autocast run, minus the casts.
+- ``fused_adamw``: AdamW with the fused kernel (both recipes' optimizer).
 - ``maybe_compile``: ``torch.compile`` of the model the step calls, with a clean fallback to eager
   (one warning) when compiling fails.
 - ``FastPath`` / ``fast_path``: what a run uses, chosen from ``--precision``, ``--working-weights``
@@ -91,6 +92,15 @@ class WorkingWeights(nn.Module):
         """Write the masters, rounded to ``dtype``, into the working copies (after a step or a load)."""
         if self.masters:
             torch._foreach_copy_(list(self.working), self.masters)
+
+
+def fused_adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``groups``, with the fused kernel where torch has one for all the
+    parameters' devices (CPU, CUDA): the same update, fewer passes over memory."""
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and {p.device.type for p in params} <= {"cpu", "cuda"} and all(
+        p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 class _CompileFallback(nn.Module):
