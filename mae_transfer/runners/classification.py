@@ -26,6 +26,8 @@ def classification_options(task: str, backbone: Backbone, recipe: Recipe, root: 
                           batch_size=recipe.linprobe_batch)
         else:
             values.update(dict(recipe.cls_options))
+        # the result is the last epoch's top-1: evaluate and save once, at the end
+        values.update(eval_every=values["epochs"], save_every=values["epochs"])
     if task == "partial":
         values["tune_blocks"] = str(recipe.partial_blocks)
     ld = recipe.layer_decay(task, backbone)
