@@ -200,7 +200,8 @@ def run(trainer: Trainer) -> RunResult:
             logger.info("resumed from %s: %d epochs, %d steps done", resume, start_epoch, counters.step)
 
         # after the weights are in place: bf16 working copies are taken from the restored masters
-        fast = fast_path(parts.model, parts.precision, info.device, cfg.working_weights, cfg.compile)
+        fast = fast_path(parts.model, parts.precision, info.device, cfg.working_weights, cfg.compile,
+                         cfg.epochs * parts.sampler.steps_per_epoch)
         if info.is_main:
             logger.info("%s", fast.describe())
         monitor = Monitor(out, enabled=info.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)

@@ -6,7 +6,7 @@ The recipe on both sides: ViT-B/16, global average pooling, drop path 0.1, timm 
 
 Ours (key ``finetune``) is the CLI's step itself: ``classification.models.build_classifier``,
 ``classification.optim.build_optimizer`` (layer decay), the fast path the run chooses
-(``training.fastpath.fast_path``) and one optimizer step of the shared loop with
+(``training.fastpath.fast_path``, for a long run: see ``mae_transfer.speed.pretrain``) and one optimizer step of the shared loop with
 ``classification.engine.ClassifierStep`` (mixup, autocast, the non-finite guard).
 The baseline is timm's ``vit_base_patch16_224(global_pool="avg", drop_path_rate=0.1)`` with the same
 ``Mixup`` and criterion, ``torch.optim.AdamW`` (default implementation; no decay on 1-D parameters),
@@ -43,6 +43,7 @@ def cli_step(args: argparse.Namespace, precision: str, device: torch.device, bat
     from classification.models import build_classifier
     from classification.optim import build_optimizer
     from training.distributed import DistInfo
+    from training.fastpath import COMPILE_MIN_STEPS as LONG_RUN  # the step of a real (long) run
     from training.fastpath import fast_path
     from training.loop import Counters, train_one_epoch
     from training.monitor import Monitor
@@ -54,7 +55,7 @@ def cli_step(args: argparse.Namespace, precision: str, device: torch.device, bat
                              drop_path=cfg.drop_path).to(device)
     lr = cfg.blr * args.batch / 256
     optimizer = build_optimizer(model, "finetune", lr, cfg.weight_decay, cfg.layer_decay)
-    fast = fast_path(model, precision, device, cfg.working_weights, cfg.compile)
+    fast = fast_path(model, precision, device, cfg.working_weights, cfg.compile, LONG_RUN)
     mixup = build_mixup(cfg, NUM_CLASSES)
     recipe = ClassifierStep(criterion=build_criterion(cfg, mixup), lr_at=lambda step: lr, accum_iter=1, mixup=mixup,
                             amp_dtype=AMP_DTYPES[precision], clip_grad=cfg.clip_grad, ema=None,

@@ -2,8 +2,9 @@
 
 Ours is the CLI's step itself: the model ``pretrain.train.build_model`` makes, its optimizer
 (``pretrain.optim.build_optimizer``: fused AdamW), the fast path the run chooses
-(``training.fastpath.fast_path``: in bf16 the bf16 working weights, ``--compile`` as the run
-resolves it) and one optimizer step of the shared loop (``training.loop.train_one_epoch``:
+(``training.fastpath.fast_path``: in bf16 the bf16 working weights; compiled where ``--compile auto``
+compiles a long run: with CUDA, and on the CPU in bf16; the compilation is in the warm-up, not
+timed) and one optimizer step of the shared loop (``training.loop.train_one_epoch``:
 autocast, the non-finite guard, the schedule), on a micro-batch of ``pretrain.data.collate``'s form.
 
 The baseline (key ``pretrain``) is the official MAE's ``models_mae`` step, rebuilt here from timm's
@@ -141,14 +142,16 @@ def _hf_mae(size: str, img_size: int) -> Any:
 
 
 def cli_step(args: argparse.Namespace, precision: str, device: torch.device, batches: Iterable[dict[str, Any]],
-             ) -> tuple[Callable[[], float], nn.Module, str]:
+             **options: Any) -> tuple[Callable[[], float], nn.Module, str]:
     """One optimizer step exactly as ``mae-transfer pretrain`` takes it (its model, optimizer, fast
-    path and loop): (the step, the model, the fast path's start-up line)."""
+    path and loop; ``options``: other ``mae-transfer pretrain`` options): (the step, the model, the fast
+    path's start-up line)."""
     from pretrain.config import make_config
     from pretrain.engine import MaeStep
     from pretrain.optim import build_optimizer
     from pretrain.train import build_model
     from training.distributed import DistInfo
+    from training.fastpath import COMPILE_MIN_STEPS as LONG_RUN  # the step of a real (long) run
     from training.fastpath import fast_path
     from training.loop import Counters, train_one_epoch
     from training.monitor import Monitor
@@ -156,12 +159,12 @@ def cli_step(args: argparse.Namespace, precision: str, device: torch.device, bat
 
     name = {"base": "mae_vit_base_patch16", "large": "mae_vit_large_patch16"}[args.model]
     cfg = make_config({"data": ".", "output": ".", "model": name, "img_size": args.img_size,
-                       "mask_ratio": MASK_RATIO, "precision": precision, "batch_size": args.batch})
+                       "mask_ratio": MASK_RATIO, "precision": precision, "batch_size": args.batch, **options})
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     lr = 1.5e-4 * args.batch / 256
     optimizer = build_optimizer(model, lr, cfg.weight_decay)
-    fast = fast_path(model, precision, device, cfg.working_weights, cfg.compile)
+    fast = fast_path(model, precision, device, cfg.working_weights, cfg.compile, LONG_RUN)
     recipe = MaeStep(mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, lr_at=lambda step: lr,
                      accum_iter=1, amp_dtype=AMP_DTYPES[precision], clip_grad=cfg.clip_grad,
                      max_nonfinite=cfg.max_nonfinite, log_every=10**9, epochs=1)

@@ -17,7 +17,7 @@ import torch
 from mae_backbone.io import safe_torch_load
 from pretrain import create_mae, train
 from pretrain.optim import build_optimizer
-from training.fastpath import WorkingWeights, fast_path, maybe_compile
+from training.fastpath import COMPILE_MIN_STEPS, WorkingWeights, fast_path, maybe_compile, resolve_compile
 from training.schedule import set_lr
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
@@ -33,11 +33,12 @@ def _setup(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, list[torch.Ten
 
 
 def _train(model, opt, imgs, noises, amp: bool, lrs=(1e-3, 5e-4, 2e-3), working=None) -> list[float]:
+    """Steps of ``model`` (the step model: the MAE, its working weights, or those compiled) with ``opt``."""
     losses = []
     for noise, lr in zip(noises, lrs):
         set_lr(opt, lr)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss, _, _ = (working or model)(imgs, 0.75, noise=noise)
+            loss, _, _ = model(imgs, 0.75, noise=noise)
         loss.backward()
         if working is not None:
             working.grads_to_masters()
@@ -68,7 +69,7 @@ def test_bf16_working_weights_train_exactly_like_autocast():
     fast.zero_grad(set_to_none=True)
 
     plain_losses = _train(plain, build_optimizer(plain, 1e-3), imgs, noises, amp=True)
-    fast_losses = _train(fast, build_optimizer(fast, 1e-3), imgs, noises, amp=True, working=working)
+    fast_losses = _train(working, build_optimizer(fast, 1e-3), imgs, noises, amp=True, working=working)
     assert fast_losses == plain_losses
     # the model keeps its fp32 parameters (the masters), equal to the plain run's after 3 steps
     for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
@@ -136,6 +137,36 @@ def test_the_fast_path_is_chosen_by_precision_and_options():
     assert fast_path(model, "bf16", cpu, working_weights=False).describe() == "precision: bf16 autocast, compile: off"
     plain = fast_path(model, "fp32", cpu)
     assert plain.step_model is model and plain.working is None and plain.describe() == "precision: fp32, compile: off"
+
+
+def test_compile_is_chosen_where_it_pays():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cuda) and not resolve_compile("off", cuda) and resolve_compile("on", cpu)
+    assert resolve_compile("auto", cpu, "bf16", COMPILE_MIN_STEPS)  # a long bf16 run on the CPU
+    assert not resolve_compile("auto", cpu, "bf16", COMPILE_MIN_STEPS - 1)  # the compile time would not pay
+    assert not resolve_compile("auto", cpu, "fp32", 10**6)  # no faster compiled in fp32 on the CPU
+
+
+def test_the_compiled_working_weights_step_is_the_eager_one(monkeypatch):
+    """The compiled path captures the working-weights step whole (dynamo + AOT autograd; the
+    ``aot_eager`` backend runs the captured graphs with the eager kernels, so the results are
+    exact; inductor's fused kernels round differently, and are measured by ``bench-speed``)."""
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: real(module, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    plain, imgs, noises = _setup()
+    fast = copy.deepcopy(plain)
+    path = fast_path(fast, "bf16", torch.device("cpu"), compile="on")
+    assert path.compiled and path.describe().endswith("compile: on")
+    plain_losses = _train(plain, build_optimizer(plain, 1e-3), imgs, noises, amp=True)
+    fast_losses = _train(path.step_model, build_optimizer(fast, 1e-3), imgs, noises, amp=True, working=path.working)
+    assert not path.step_model.failed and counters["stats"]["unique_graphs"] >= 1  # it really ran compiled
+    assert fast_losses == plain_losses
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
