@@ -3,10 +3,14 @@ inside the ``scikit-image`` wheel (nothing is downloaded).
 
 Each scene is a crop of a real photograph with a few textured objects pasted on it.  Objects
 belong to ``CATEGORIES`` (their shape decides the category; texture and colour are random), never
-overlap, and are drawn from their polygon, so boxes, masks and label maps are exact.
+overlap, and are drawn from their polygon, so boxes, masks and label maps are exact.  The
+classification and unlabeled images hold one object each, flat-coloured on a flat background of
+another colour: only its outline tells the category.
 
 ``write_sample_data(out, seed)`` writes::
 
+    out/unlabeled/*.png                                    unlabeled images for pretraining (one object
+                                                           each, of a random category; no labels kept)
     out/classification/{train,val}/<category>/*.png        ImageNet-style class folders
     out/coco/{train2017,val2017}/*.jpg                     COCO instances (polygon masks)
     out/coco/annotations/instances_{train,val}2017.json
@@ -35,8 +39,13 @@ TEXTURES = ("brick.png", "grass.png", "gravel.png")
 
 @dataclass(frozen=True)
 class SampleSizes:
-    cls_train_per_class: int = 50
-    cls_val_per_class: int = 15
+    """How much of each kind is written. The defaults are the demo's regime, the one where
+    pretraining should matter: many unlabeled images, few labels per class, and enough val images
+    that a top-1 difference is not one image's."""
+
+    unlabeled: int = 2000
+    cls_train_per_class: int = 10
+    cls_val_per_class: int = 50
     cls_size: int = 64
     scene_train: int = 120
     scene_val: int = 30
@@ -121,10 +130,19 @@ class SceneMaker:
         return img, label, instances
 
     def single(self, rng: np.random.Generator, size: int, cat: int) -> np.ndarray:
-        img = self.background(rng, size)
+        """One object of category ``cat`` in a random colour on a background of another random colour.
+
+        Colour, size, position and rotation are random and independent of the category: only the
+        outline tells the categories apart (the evidence is spatial structure, what a masked
+        autoencoder must model to fill in a hidden part of the outline)."""
+        background = rng.uniform(0, 255, size=3)
+        img = np.broadcast_to(background.astype(np.uint8), (size, size, 3)).copy()
         r = float(rng.uniform(0.28, 0.42) * size)
         cx, cy = (float(v) for v in rng.uniform(r, size - r, size=2))
-        self.paste(rng, img, _shape_polygon(CATEGORIES[cat], cx, cy, r, float(rng.uniform(0, 2 * math.pi))))
+        polygon = _shape_polygon(CATEGORIES[cat], cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
+        mask_img = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(mask_img).polygon(polygon, fill=1)
+        img[np.asarray(mask_img).astype(bool)] = rng.uniform(0, 255, size=3).astype(np.uint8)
         return img
 
 
@@ -161,6 +179,13 @@ def write_sample_data(out: str | Path, seed: int = 0, sizes: SampleSizes = Sampl
     maker = SceneMaker()
     rng = np.random.default_rng(seed)
     summary: dict = {"seed": seed, "categories": list(CATEGORIES), "seg_classes": list(SEG_CLASSES)}
+
+    unlabeled = out / "unlabeled"
+    unlabeled.mkdir(parents=True, exist_ok=True)
+    for i in range(sizes.unlabeled):
+        cat = int(rng.integers(len(CATEGORIES)))
+        Image.fromarray(maker.single(rng, sizes.cls_size, cat)).save(unlabeled / f"unlabeled_{i:05d}.png")
+    summary["unlabeled"] = sizes.unlabeled
 
     for split, per_class in (("train", sizes.cls_train_per_class), ("val", sizes.cls_val_per_class)):
         for cat, name in enumerate(CATEGORIES):

@@ -20,8 +20,11 @@ class DemoPlan:
     seed: int = 0  # of the data, the pretraining, segmentation and detection
     cls_seeds: tuple[int, ...] = (0, 1, 2)  # of each classification protocol: mean ± std over these
     recipe: Recipe = field(default_factory=Recipe.demo)
-    pretrain_epochs: int = 40
-    pretrain_blr: float = 8e-3
+    # MAE on the unlabeled images (plus the labeled ones' pixels): ~600 steps of 64 images
+    pretrain_epochs: int = 18
+    pretrain_batch: int = 64
+    pretrain_blr: float = 6e-3  # lr 1.5e-3 at batch 64
+    pretrain_limit: int | None = None  # pretrain on the first N images only (the quick run)
     mask_ratio: float = 0.75
     examples: int = 3
 
@@ -29,8 +32,8 @@ class DemoPlan:
     def make(cls, quick: bool, seed: int = 0) -> "DemoPlan":
         seeds = tuple(range(seed, seed + 3))
         if quick:
-            return cls(quick=True, seed=seed, cls_seeds=seeds, recipe=Recipe.demo(quick=True), pretrain_epochs=3,
-                       examples=2)
+            return cls(quick=True, seed=seed, cls_seeds=seeds, recipe=Recipe.demo(quick=True), pretrain_epochs=2,
+                       pretrain_limit=256, examples=2)
         return cls(seed=seed, cls_seeds=seeds)
 
 

@@ -24,8 +24,9 @@ def stage_data(ctx: DemoContext) -> None:
 
 
 def pretrain_images(data: Path) -> list[Path]:
-    """The demo's pretraining set: the classification images and the training scenes (no labels used)."""
-    return (sorted((data / "classification" / "train").rglob("*.png"))
+    """The demo's pretraining set, no labels used: the unlabeled images, the labeled training images
+    of the classifiers and the training scenes (never a val image)."""
+    return (sorted((data / "unlabeled").glob("*.png")) + sorted((data / "classification" / "train").rglob("*.png"))
             + sorted((data / "coco" / "train2017").glob("*.jpg")))
 
 
@@ -33,7 +34,7 @@ def stage_pretrain(ctx: DemoContext) -> None:
     from pretrain import make_config, train
 
     plan = ctx.plan
-    images = pretrain_images(ctx.data)
+    images = pretrain_images(ctx.data)[:plan.pretrain_limit]
     if not images:
         raise FileNotFoundError(f"{ctx.data}: no sample images to pretrain on (run the data stage)")
     listing = ctx.out / "pretrain_images.txt"
@@ -44,7 +45,7 @@ def stage_pretrain(ctx: DemoContext) -> None:
         "model": "mae_" + arch.name, "img_size": plan.recipe.img_size, "model_kwargs": arch.overrides,
         "decoder_depth": 2, "decoder_dim": 128, "decoder_heads": 4, "mask_ratio": plan.mask_ratio,
         "epochs": plan.pretrain_epochs, "warmup_epochs": max(1, plan.pretrain_epochs // 10),
-        "batch_size": 32, "blr": plan.pretrain_blr, "num_workers": 0, "seed": plan.seed, "progress": False,
+        "batch_size": plan.pretrain_batch, "blr": plan.pretrain_blr, "num_workers": 0, "seed": plan.seed, "progress": False,
         "vis_every": plan.pretrain_epochs, "vis_images": 6, "save_every": plan.pretrain_epochs,
         "tensorboard": False,
     })

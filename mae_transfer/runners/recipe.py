@@ -132,17 +132,18 @@ class Recipe:
     name: str = "demo"
     arch: Arch = Arch.make("vit_tiny_patch16", depth=6, patch_size=8)
     img_size: int = 64
-    # classification; a tiny budget wants little regularisation (no mixup/cutmix/RandAug/smoothing)
-    cls_epochs: int = 10
-    cls_batch: int = 16
+    # classification on few labels (10 per class in the sample data): small batches for a few
+    # hundred steps; a tiny budget wants little regularisation (no mixup/cutmix/RandAug/smoothing)
+    cls_epochs: int = 50
+    cls_batch: int = 8
     cls_options: tuple[tuple[str, Any], ...] = (  # fine-tuning and partial fine-tuning
         ("mixup", 0.0), ("cutmix", 0.0), ("smoothing", 0.0), ("aa", "none"), ("reprob", 0.0),
-        ("drop_path", 0.0), ("warmup_epochs", 2), ("layer_decay", 0.75), ("pool", "avg"))
-    finetune_blr: float = 1.6e-2
-    linprobe_options: tuple[tuple[str, Any], ...] = (("warmup_epochs", 3), ("pool", "avg"))
-    linprobe_epochs: int = 15
-    linprobe_batch: int = 32
-    linprobe_blr: float = 50.0  # LARS: lr = 50 x 32 / 256 = 6.25, near the official 6.4 (0.1 x 16384 / 256)
+        ("drop_path", 0.0), ("warmup_epochs", 5), ("layer_decay", 0.75), ("pool", "avg"))
+    finetune_blr: float = 1.6e-2  # lr 5e-4 at batch 8
+    linprobe_options: tuple[tuple[str, Any], ...] = (("warmup_epochs", 5), ("pool", "avg"))
+    linprobe_epochs: int = 60
+    linprobe_batch: int = 8
+    linprobe_blr: float = 200.0  # LARS: lr = 200 x 8 / 256 = 6.25, near the official 6.4 (0.1 x 16384 / 256)
     partial_blocks: int = 1
     # UperNet
     seg_size: int = 128
@@ -161,7 +162,7 @@ class Recipe:
     @classmethod
     def demo(cls, quick: bool = False) -> "Recipe":
         if quick:
-            return cls(arch=Arch.make("vit_tiny_patch16", depth=4, patch_size=8), cls_epochs=1, linprobe_epochs=1,
+            return cls(arch=Arch.make("vit_tiny_patch16", depth=4, patch_size=8), cls_epochs=2, linprobe_epochs=2,
                        seg_iters=20, det_iters=20)
         return cls()
 

@@ -14,7 +14,7 @@ from mae_transfer.runners import Arch, Backbone, DataPaths, Recipe, TaskResult
 from mae_transfer.reference import lookup
 from mae_transfer.sample_data import SampleSizes, write_sample_data
 
-TINY = SampleSizes(cls_train_per_class=6, cls_val_per_class=3, cls_size=32, scene_train=2, scene_val=2, scene_size=64)
+TINY = SampleSizes(unlabeled=4, cls_train_per_class=6, cls_val_per_class=3, cls_size=32, scene_train=2, scene_val=2, scene_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,7 @@ def test_a_relative_output_folder_works_like_make_demo(tmp_path, monkeypatch):
     plan = replace(DemoPlan.make(quick=True), pretrain_epochs=1)
     ctx = run_demo("demo_output", only=["data", "pretrain"], plan=plan, log=lambda s: None)
     assert ctx.errors == {}
-    assert ctx.results["pretrain"]["images"] == 320 and ctx.results["pretrain"]["epochs"] == 1
+    assert ctx.results["pretrain"]["images"] == 256 and ctx.results["pretrain"]["epochs"] == 1  # the quick limit
     assert (tmp_path / "demo_output" / "pretrain" / "encoder.safetensors").is_file()
     # the pretraining stage's log holds its per-epoch line (it was empty: nothing reached the file)
     assert "INFO training.run: epoch 1/1: loss " in (tmp_path / "demo_output" / "logs" / "pretrain.log").read_text()

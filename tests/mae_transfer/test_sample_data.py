@@ -11,7 +11,8 @@ from PIL import Image
 from mae_transfer.cli import main as cli
 from mae_transfer.sample_data import CATEGORIES, SEG_CLASSES, SampleSizes, write_sample_data
 
-SMALL = SampleSizes(cls_train_per_class=4, cls_val_per_class=2, cls_size=32, scene_train=6, scene_val=3, scene_size=64)
+SMALL = SampleSizes(unlabeled=5, cls_train_per_class=4, cls_val_per_class=2, cls_size=32, scene_train=6, scene_val=3,
+                    scene_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,18 @@ def test_class_folders_load_with_imagefolder(sample):
         assert len(ds) == n * len(CATEGORIES)
         img, _ = ds[0]
         assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_single_object_images_differ_only_by_outline(sample):
+    """Classification and unlabeled images: one flat-coloured object on a flat background, so colour
+    says nothing of the category; the object's pixel count is that of its polygon."""
+    images = sorted((sample / "classification").rglob("*.png")) + sorted((sample / "unlabeled").glob("*.png"))
+    assert len(list((sample / "unlabeled").glob("*.png"))) == 5
+    for path in images:
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        colours, counts = np.unique(pixels, axis=0, return_counts=True)
+        assert len(colours) == 2, path  # object and background, nothing else
+        assert counts.min() / counts.sum() > 0.05, path  # a sizeable object
 
 
 def test_coco_json_loads_in_pycocotools_with_exact_masks(sample):
@@ -90,5 +103,5 @@ def test_ade_layout_loads_in_mmseg(sample):
 def test_cli_writes_sample_data(tmp_path, capsys):
     assert cli(["data", "sample", str(tmp_path / "s"), "--seed", "1"]) == 0
     summary = json.loads((tmp_path / "s" / "sample_data.json").read_text())
-    assert summary["seed"] == 1 and summary["classification_train"] == 200
+    assert summary["seed"] == 1 and summary["classification_train"] == 40 and summary["unlabeled"] == 2000
     assert "coco_train_images=120" in capsys.readouterr().out
