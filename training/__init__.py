@@ -4,6 +4,7 @@ it imports neither, nor any framework besides torch).
 - ``training.options``: a dataclass of options <-> command-line flags / YAML / JSON files;
 - ``training.distributed``: the ``torchrun`` process group and the few collectives a run needs;
 - ``training.precision``: ``--precision`` -> autocast dtype and grad scaler;
+- ``training.fastpath``: the step's fast path: bf16 working weights over fp32 masters, ``torch.compile``;
 - ``training.loop``: one epoch (accumulation, autocast, non-finite steps skipped) over a
   ``StepRecipe``, the method's part of a step;
 - ``training.schedule``: the learning rate, a pure function of the optimizer step;
@@ -14,6 +15,7 @@ it imports neither, nor any framework besides torch).
 from training.data import (DataError, EpochBatchSampler, EvalBatchSampler, image_files, list_images, load_rgb, mix_seed,
                            read_image)
 from training.distributed import DistInfo, init_distributed
+from training.fastpath import FastPath, WorkingWeights, fast_path
 from training.loop import Counters, EpochStats, MicroBatch, StepRecipe, TrainingDiverged, train_one_epoch
 from training.monitor import Monitor
 from training.precision import amp_autocast, resolve_amp
@@ -27,13 +29,16 @@ __all__ = [
     "EpochBatchSampler",
     "EpochStats",
     "EvalBatchSampler",
+    "FastPath",
     "MicroBatch",
     "Monitor",
     "NonFiniteModelError",
     "StepRecipe",
     "TrainingDiverged",
+    "WorkingWeights",
     "absolute_lr",
     "amp_autocast",
+    "fast_path",
     "image_files",
     "init_distributed",
     "list_images",

@@ -16,7 +16,8 @@
 - ``maybe_compile``: ``torch.compile`` of the model the step calls, with a clean fallback to eager
   (one warning) when compiling fails.
 - ``FastPath`` / ``fast_path``: what a run uses, chosen from ``--precision``, ``--working-weights``
-  and ``--compile`` on the device, and the start-up line that says so.
+  and ``--compile`` on the device (working weights in single-process runs), and the start-up line
+  that says so.
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ class WorkingWeights(nn.Module):
 
     Calling it calls ``model`` with the working copies in place of the masters (use it under
     ``torch.autocast(dtype=dtype)``).  Its parameters are exactly the tensors the forward uses (the
-    working copies and the model's other trainable parameters), so ``DistributedDataParallel``
-    can wrap it; the model's buffers are registered too (DDP broadcasts them).
+    working copies and the model's other parameters) and its buffers the model's, so
+    ``DistributedDataParallel`` could wrap it; it would all-reduce bf16 gradients, though, which is
+    why ``fast_path`` keeps working weights to single-process runs.
 
     Args:
         model: the fp32 model; not changed (not even registered as a submodule).
@@ -160,23 +162,33 @@ class FastPath:
     working: WorkingWeights | None
     precision: str  # fp32 / bf16 / fp16, resolved
     compiled: bool
+    note: str = ""  # why the working weights are off although asked for
 
     def describe(self) -> str:
         """The start-up line, e.g. ``precision: bf16 autocast + bf16 working weights (fp32 masters), compile: off``."""
         what = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + grad scaler"}[self.precision]
         if self.working is not None:
             what += " + bf16 working weights (fp32 masters)"
+        elif self.note:
+            what += f" ({self.note})"
         return f"precision: {what}, compile: {'on' if self.compiled else 'off'}"
 
 
 def fast_path(model: nn.Module, precision: str, device: torch.device, working_weights: bool = True,
-              compile: str = "auto", total_steps: int = 0) -> FastPath:
+              compile: str = "auto", total_steps: int = 0, distributed: bool = False) -> FastPath:
     """The step model a run of ``total_steps`` optimizer steps uses for ``model``: bf16 working
     weights when ``precision`` is bf16 and ``working_weights`` is on (the model must be on its
-    device, its weights loaded), compiled when ``resolve_compile``."""
+    device, its weights loaded), compiled when ``resolve_compile``.
+
+    Working weights are for single-process runs: under DDP the gradients would be all-reduced in
+    bf16 (autocast reduces them in fp32), so a ``distributed`` run keeps plain autocast and says so.
+    """
+    note = ""
+    if precision == "bf16" and working_weights and distributed:
+        working_weights, note = False, "working weights: single-process runs only"
     working = WorkingWeights(model) if precision == "bf16" and working_weights else None
     step_model: nn.Module = working if working is not None else model
     compiled = resolve_compile(compile, device, precision, total_steps)
     if compiled:
         step_model = maybe_compile(step_model)
-    return FastPath(step_model, working, precision, compiled)
+    return FastPath(step_model, working, precision, compiled, note)

@@ -180,8 +180,7 @@ def train_one_epoch(
                 n, compute_loss = setup.micro_batch(model, batch, device)
                 stats.images += n
                 sync = micro == setup.accum_iter - 1
-                # with working weights each micro-batch's (reduced) gradient moves onto the masters
-                no_sync = getattr(model, "no_sync", None) if working is None else None
+                no_sync = getattr(model, "no_sync", None)
                 ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
                 with ctx:
                     loss = None

@@ -2,7 +2,8 @@
 
     init the process group -> find the checkpoint to resume -> the trainer builds its data, model,
     optimizer and step (``Trainer.build``) -> restore the state -> write config.json and the
-    ``run`` record -> for each remaining epoch: re-seed, one epoch of ``train_one_epoch``, the
+    ``run`` record -> the step's fast path (``training.fastpath``: bf16 working weights,
+    ``torch.compile``; logged) -> for each remaining epoch: re-seed, one epoch of ``train_one_epoch``, the
     epoch record and its log line (``log_epoch``, whatever the terminal), the checkpoint every
     ``save_every`` epochs and at the end (never from non-finite weights), the trainer's after-epoch
     work -> the trainer's exports -> clean-up.
@@ -201,7 +202,7 @@ def run(trainer: Trainer) -> RunResult:
 
         # after the weights are in place: bf16 working copies are taken from the restored masters
         fast = fast_path(parts.model, parts.precision, info.device, cfg.working_weights, cfg.compile,
-                         cfg.epochs * parts.sampler.steps_per_epoch)
+                         cfg.epochs * parts.sampler.steps_per_epoch, info.distributed)
         if info.is_main:
             logger.info("%s", fast.describe())
         monitor = Monitor(out, enabled=info.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
@@ -212,7 +213,7 @@ def run(trainer: Trainer) -> RunResult:
             monitor.log({"type": "run", **parts.record, "resumed_from": str(resume) if resume else None,
                          "start_epoch": start_epoch, "world_size": info.world_size,
                          "effective_batch": effective_batch(cfg, info), "steps_per_epoch": parts.sampler.steps_per_epoch,
-                         "device": str(info.device), "step": fast.describe()})
+                         "device": str(info.device), "fast_path": fast.describe()})
 
         model = fast.step_model
         if info.distributed:

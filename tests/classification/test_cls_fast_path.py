@@ -77,7 +77,7 @@ def test_bf16_fine_tuning_run_keeps_fp32_masters_exports_and_ema(dataset, tmp_pa
 
     fast, plain = run("fast"), run("plain", working_weights=False)
     log = [json.loads(line) for line in (tmp_path / "fast" / "log.jsonl").read_text().splitlines()]
-    assert log[0]["step"] == "precision: bf16 autocast + bf16 working weights (fp32 masters), compile: off"
+    assert log[0]["fast_path"] == "precision: bf16 autocast + bf16 working weights (fp32 masters), compile: off"
     a, b = safe_torch_load(fast.checkpoint), safe_torch_load(plain.checkpoint)
     for key in ("model", "ema"):
         for name, value in a[key].items():

@@ -81,6 +81,19 @@ def test_bf16_working_weights_train_exactly_like_autocast():
     assert "blocks.0.norm1.weight" not in working.names and "cls_token" not in working.names
 
 
+def test_working_weights_with_gradient_checkpointing_are_the_autocast_path():
+    torch.manual_seed(0)
+    plain = create_mae("mae_vit_tiny_patch16", grad_checkpointing=True, **TINY).train()
+    fast = copy.deepcopy(plain)
+    working = WorkingWeights(fast)
+    imgs, noises = torch.randn(4, 3, 32, 32), [torch.rand(4, 16) for _ in range(2)]
+    plain_losses = _train(plain, build_optimizer(plain, 1e-3), imgs, noises, amp=True)
+    fast_losses = _train(working, build_optimizer(fast, 1e-3), imgs, noises, amp=True, working=working)
+    assert fast_losses == plain_losses
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_working_weights_accumulate_gradients_in_fp32_like_autocast():
     plain, imgs, noises = _setup(3)
     fast = copy.deepcopy(plain)
@@ -135,6 +148,9 @@ def test_the_fast_path_is_chosen_by_precision_and_options():
     assert isinstance(fast.step_model, WorkingWeights) and not fast.compiled
     assert fast.describe() == "precision: bf16 autocast + bf16 working weights (fp32 masters), compile: off"
     assert fast_path(model, "bf16", cpu, working_weights=False).describe() == "precision: bf16 autocast, compile: off"
+    ddp = fast_path(model, "bf16", cpu, distributed=True)  # DDP would all-reduce bf16 gradients
+    assert ddp.working is None and ddp.step_model is model
+    assert ddp.describe() == "precision: bf16 autocast (working weights: single-process runs only), compile: off"
     plain = fast_path(model, "fp32", cpu)
     assert plain.step_model is model and plain.working is None and plain.describe() == "precision: fp32, compile: off"
 
