@@ -47,7 +47,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--peak-size", type=int, default=0, help="GEMM side for the peak (default 2048 CPU, 8192 GPU)")
     p.add_argument("--model", choices=tuple(SIZES), default="base", help="ViT size for pretrain/features")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--profile", action="store_true", help="print a per-operator profile of both sides of the pretraining and fine-tuning steps")
+    p.add_argument("--profile", action="store_true",
+                   help="print a per-operator profile of both sides of the pretraining and fine-tuning steps")
     p.add_argument("--batch", type=int, default=8, help="pretraining and fine-tuning batch (default %(default)s)")
     p.add_argument("--feat-batch", type=int, default=16, help="feature-extraction batch (default %(default)s)")
     p.add_argument("--data-images", type=int, default=32, help="images per data-loading round")

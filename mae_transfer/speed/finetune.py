@@ -6,8 +6,9 @@ The recipe on both sides: ViT-B/16, global average pooling, drop path 0.1, timm 
 
 Ours (key ``finetune``) is the CLI's step itself: ``classification.models.build_classifier``,
 ``classification.optim.build_optimizer`` (layer decay), the fast path the run chooses
-(``training.fastpath.fast_path``, for a long run: see ``mae_transfer.speed.pretrain``) and one optimizer step of the shared loop with
-``classification.engine.ClassifierStep`` (mixup, autocast, the non-finite guard).
+(``training.fastpath.fast_path``, for a long run: see ``mae_transfer.speed.pretrain``) and one
+optimizer step of the shared loop with ``classification.engine.ClassifierStep`` (mixup, autocast,
+the non-finite guard).
 The baseline is timm's ``vit_base_patch16_224(global_pool="avg", drop_path_rate=0.1)`` with the same
 ``Mixup`` and criterion, ``torch.optim.AdamW`` (default implementation; no decay on 1-D parameters),
 ``torch.autocast`` for bf16.  Both see the same images and labels.
@@ -85,8 +86,8 @@ def timm_step(args: argparse.Namespace, precision: str, device: torch.device, im
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     lr = cfg.blr * args.batch / 256
-    opt = torch.optim.AdamW([dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=cfg.weight_decay)],
-                            lr=lr, betas=(0.9, 0.999))
+    groups = [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=cfg.weight_decay)]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     mixup = build_mixup(cfg, NUM_CLASSES)
     criterion = build_criterion(cfg, mixup)
     amp = precision == "bf16"

@@ -18,6 +18,7 @@ when ``transformers`` is installed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -214,12 +215,7 @@ def run(args: argparse.Namespace, report: Report, device: torch.device) -> None:
             return loss.item()
         return step
 
-    try:
-        import transformers  # noqa: F401
-
-        with_hf = True
-    except ImportError:
-        with_hf = False
+    with_hf = importlib.util.find_spec("transformers") is not None
     dim, depth, heads = SIZES[args.model]
     for precision in args.precisions:
         amp = precision == "bf16"
