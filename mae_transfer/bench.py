@@ -82,6 +82,7 @@ class Cell:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    notes: dict[str, str] = field(default_factory=dict)  # metric -> why it is 0 or NaN (e.g. no detections)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Row:
     errors: list[str]
     reference: float | None = None
     reference_source: str = ""
+    notes: list[str] = field(default_factory=list)  # "seed k: why the value is 0 or NaN"
 
     @property
     def n(self) -> int:
@@ -132,25 +134,29 @@ def summarize(cells: Sequence[Cell], backbones: Sequence[Backbone], tasks: Seque
                 ref = lookup(task, metric, b.method, arch.size if recipe.name == "paper" else None)
                 rows.append(Row(b.name, task, metric, [c.metrics[metric] for c in mine if metric in c.metrics],
                                 [f"seed {c.seed}: {c.error}" for c in mine if c.error],
-                                ref.value if ref else None, ref.source if ref else ""))
+                                ref.value if ref else None, ref.source if ref else "",
+                                [f"seed {c.seed}: {c.notes[metric]}" for c in mine if metric in c.notes]))
     return rows
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
+    """A number for the table: empty when there is none, ``n.a.`` when it is NaN (see the notes)."""
+    if v is None:
+        return ""
+    return "n.a." if math.isnan(v) else f"{v:.{digits}f}"
 
 
 def write_table(rows: Sequence[Row], out: Path, title: str, notes: Sequence[str] = ()) -> dict[str, Path]:
     """``bench.md``, ``bench.csv`` and ``bench.png`` (bars: mean, error bars: std) for ``rows``."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"md": out / "bench.md", "csv": out / "bench.csv", "png": out / "bench.png"}
-    header = ["backbone", "task", "metric", "mean", "std", "n", "per seed", "published", "errors"]
+    header = ["backbone", "task", "metric", "mean", "std", "n", "per seed", "published", "errors and notes"]
     lines = [f"# {title}", "", *notes, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = []
     for r in rows:
         rec = [r.backbone, r.task, r.metric, _fmt(r.mean), _fmt(r.std), str(r.n),
                " / ".join(_fmt(v) for v in r.values), _fmt(r.reference, 1) if r.reference is not None else "n/a",
-               "; ".join(r.errors)]
+               "; ".join(r.errors + r.notes)]
         table.append(rec)
         md = rec[:8] + [("`" + rec[8].replace("|", "/") + "`") if rec[8] else ""]
         lines.append("| " + " | ".join(md) + " |")
@@ -245,7 +251,7 @@ def run_bench(plan: BenchPlan, out: str | Path, log: Callable[[str], None] = pri
             try:
                 with stage_output(run_dir / "run.log"):
                     result = runner(task, backbone, plan.recipe, plan.data, seed, run_dir)
-                cell.metrics = dict(result.metrics)
+                cell.metrics, cell.notes = dict(result.metrics), dict(result.notes)
             except Exception as exc:  # a failed cell is shown in the table; the others still run
                 cell.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 (run_dir / "error.txt").write_text(traceback.format_exc())
@@ -254,8 +260,9 @@ def run_bench(plan: BenchPlan, out: str | Path, log: Callable[[str], None] = pri
                 cell.seconds = time.perf_counter() - t
             cells.append(cell)
             if cell.error is None:
-                log(f"[{i}/{len(todo)}] " + ", ".join(f"{k} {v:.2f}" for k, v in cell.metrics.items())
-                    + f" ({cell.seconds:.0f} s)")
+                shown = [f"{k} {_fmt(v)}" + (f" ({cell.notes[k]})" if k in cell.notes else "")
+                         for k, v in cell.metrics.items()]
+                log(f"[{i}/{len(todo)}] " + ", ".join(shown) + f" ({cell.seconds:.0f} s)")
         finished = True
     finally:
         rows = summarize(cells, plan.backbones, plan.tasks, plan.recipe.arch, plan.recipe)

@@ -101,6 +101,21 @@ def test_a_failed_cell_shows_its_error_and_the_rest_still_run(tmp_path):
     assert "error.txt" in " ".join(str(p) for p in (tmp_path / "runs" / "bad" / "detect" / "seed0").iterdir())
 
 
+def test_a_detector_that_found_nothing_gets_zero_with_the_reason_and_a_nan_shows_as_na(tmp_path):
+    def runner(task, backbone, recipe, data, seed, out):
+        why = "no detections above the model's test score threshold"
+        return TaskResult({"AP box": 0.0, "AP mask": float("nan")}, notes={"AP box": why, "AP mask": "no masks"})
+
+    lines = []
+    result = run_bench(_plan(["weak"], seeds=(0,)), tmp_path, log=lines.append, runner=runner)
+    assert result.finished and result.cells[0].error is None
+    md = (tmp_path / "bench.md").read_text()
+    assert ("| weak | detect | AP box | 0.00 |  | 1 | 0.00 | n/a | "
+            "`seed 0: no detections above the model's test score threshold` |") in md
+    assert "| weak | detect | AP mask | n.a. |  | 1 | n.a. | n/a | `seed 0: no masks` |" in md
+    assert any("AP box 0.00 (no detections above" in line and "AP mask n.a. (no masks)" in line for line in lines)
+
+
 def test_ctrl_c_writes_the_table_of_what_finished(tmp_path):
     runner, calls = _fake_runner(interrupt_at=3)
     with pytest.raises(KeyboardInterrupt):
