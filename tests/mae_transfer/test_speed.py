@@ -105,3 +105,21 @@ def test_bench_speed_refuses_an_unwritable_json_path_before_measuring(tmp_path):
     assert proc.returncode == 2
     assert "--json file" in proc.stderr and "is a folder" in proc.stderr and "Traceback" not in proc.stderr
     assert "matmul peak" not in proc.stdout
+
+
+def test_the_official_style_baseline_computes_our_mae_loss():
+    """The pretrain baseline is the same computation as ours (it loads our weights strictly and gives
+    the same loss for the same noise), so the comparison times two implementations of one step."""
+    from mae_transfer.speed.pretrain import OfficialStyleMAE, official_adamw
+    from pretrain import create_mae
+
+    torch.manual_seed(0)
+    ours = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    base = OfficialStyleMAE(32, 8, 32, 2, 2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    base.load_state_dict(ours.state_dict(), strict=True)
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    torch.testing.assert_close(base(imgs, noise), ours(imgs, 0.75, noise=noise)[0], rtol=1e-5, atol=1e-6)
+    groups = official_adamw(base, 1e-3).param_groups  # main_pretrain.py: no decay on 1-D parameters and biases
+    assert all(p.ndim <= 1 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.05
