@@ -67,7 +67,7 @@ EVAL_NAME = "eval.json"
 # options that may change between a run and its resumption without a warning
 _RESUMABLE_CHANGES = {"resume", "auto_resume", "num_workers", "progress", "tensorboard", "log_every", "save_every",
                       "eval_every", "device", "dist_backend", "output", "data", "train", "val", "checkpoint",
-                      "max_nonfinite", "eval"}
+                      "max_nonfinite", "eval", "working_weights"}  # working weights: the same run, bit for bit
 # ViT arguments a checkpoint's stored overrides may hold that the protocol sets itself
 _PROTOCOL_KWARGS = {"img_size", "num_classes", "global_pool", "drop_path_rate", "pos_embed_learnable",
                     "grad_checkpointing"}

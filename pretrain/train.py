@@ -54,7 +54,7 @@ VIS_DIR = "vis"
 # options that may change between a run and its resumption without a warning
 _RESUMABLE_CHANGES = {"resume", "auto_resume", "epochs", "num_workers", "progress", "tensorboard", "log_every",
                       "save_every", "vis_every", "vis_images", "device", "dist_backend", "output", "data",
-                      "max_nonfinite"}
+                      "max_nonfinite", "working_weights"}  # working weights: the same run, bit for bit
 
 
 @dataclass
