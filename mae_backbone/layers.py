@@ -85,6 +85,143 @@ def rel_pos_bias(
     return bias.reshape(b, nh, h * w, h * w)
 
 
+# ``rel_pos_impl`` -> ``rel_pos_attention``'s ``recompute`` (None: by size), for the exact paths
+EXACT_IMPLS: dict[str, bool | None] = {"auto": None, "explicit": False, "recompute": True}
+REL_POS_IMPLS = (*EXACT_IMPLS, "fused", "mask")
+
+
+# ---- exact decomposed rel-pos attention without padding queries or saved [N, N] maps ----------
+# The plain formulation (ViTDet) materializes logits, adds the bias by broadcasting (two [N, N]
+# temporaries), keeps the softmax for backward and, in window blocks, computes padding tokens'
+# q/k/v/proj and padding queries' outputs only to crop them. The paths below compute the same
+# function with less work: the bias is written once and the scaled q k^T accumulated into it in
+# place (``baddbmm_``); window blocks project only the real tokens (a padding token is a zero after
+# ``norm1``, so its q/k/v is the qkv bias) and run queries of real tokens only; global blocks can
+# recompute their softmax in backward (``RecomputedRelPosAttention``) instead of keeping it.
+
+# recompute the global attention map in backward from this many logits ([B, heads, N, N]) up;
+# smaller maps (windows) are kept, they cost little memory and recomputing them costs time
+RECOMPUTE_MIN_LOGITS = 1 << 22
+# queries per chunk when recomputing (forward and backward go through the map in chunks of query
+# rows, which stay in cache): measured fastest on the CPU, ViT-B at 512 and 1024 px
+RECOMPUTE_CHUNK_QUERIES = {torch.float32: 64, torch.bfloat16: 256, torch.float16: 256}
+
+
+def _rel_pos_logits(q: torch.Tensor, k: torch.Tensor, r_h: torch.Tensor, r_w: torch.Tensor, scale: float,
+                    q_hw: tuple[int, int], k_hw: tuple[int, int]) -> torch.Tensor:
+    """``scale * q k^T`` plus the decomposed bias: [B, heads, Hq*Wq, Hk*Wk].
+
+    Args:
+        q: [B, heads, Hq*Wq, C] unscaled queries of a query grid ``q_hw`` (row-major).
+        k: [B, heads, Hk*Wk, C] keys of the key grid ``k_hw``.
+        r_h: [Hq, Hk, C] table entry per (query row, key row); r_w: [Wq, Wk, C] per column pair.
+    """
+    (hq, wq), (hk, wk) = q_hw, k_hw
+    b, nh, n, c = q.shape
+    grid = q.reshape(b, nh, hq, wq, c)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid, r_h)  # [B, heads, Hq, Wq, Hk]
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid, r_w)  # [B, heads, Hq, Wq, Wk]
+    logits = torch.matmul(q * scale, k.transpose(-2, -1)).view(b, nh, hq, wq, hk, wk)
+    logits = logits + bias_h[..., :, None]  # one new tensor, then in place: not two temporaries
+    logits += bias_w[..., None, :]
+    return logits.view(b, nh, n, hk * wk)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """``acc += alpha * a @ b`` for [B, heads, M, K] @ [B, heads, K, N] (in place when dtypes agree)."""
+    if acc.dtype == a.dtype:
+        acc.flatten(0, 1).baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
+    else:
+        acc += torch.matmul(a, b).mul_(alpha) if alpha != 1.0 else torch.matmul(a, b)
+
+
+def _chunk_rows(dtype: torch.dtype, q_hw: tuple[int, int]) -> int:
+    """Query-grid rows per chunk: about ``RECOMPUTE_CHUNK_QUERIES[dtype]`` queries, at least one row."""
+    return max(1, min(q_hw[0], RECOMPUTE_CHUNK_QUERIES.get(dtype, 64) // q_hw[1]))
+
+
+class RecomputedRelPosAttention(torch.autograd.Function):
+    """``softmax(logits) @ v`` (``_rel_pos_logits``) keeping only its inputs for backward.
+
+    Forward and backward go through the attention map in chunks of query rows
+    (``RECOMPUTE_CHUNK_QUERIES``); backward recomputes each chunk and differentiates by hand: ``dP = dO v^T``, the
+    softmax backward ``dS``, then ``dq = scale dS k + dS_h r_h + dS_w r_w`` with ``dS_h``, ``dS_w``
+    the sums of ``dS`` over key columns / rows, ``dk = scale dS^T q``, ``dv = P^T dO`` and the
+    tables' gradients from ``dS_h``, ``dS_w`` and ``q``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, r_h, r_w, scale, q_hw, k_hw):  # type: ignore[override]
+        (hq, wq), (hk, wk) = q_hw, k_hw
+        rows = _chunk_rows(q.dtype, q_hw)
+        out = q.new_empty(*q.shape[:3], v.shape[-1]) if rows < hq else None
+        for r0 in range(0, hq, rows):
+            r1 = min(hq, r0 + rows)
+            logits = _rel_pos_logits(q[:, :, r0 * wq: r1 * wq], k, r_h[r0:r1], r_w, scale, (r1 - r0, wq), k_hw)
+            part = torch.matmul(logits.softmax(dim=-1), v)
+            if out is None:
+                out = part
+            else:
+                out[:, :, r0 * wq: r1 * wq] = part
+        ctx.save_for_backward(q, k, v, r_h, r_w)
+        ctx.geometry = scale, tuple(q_hw), tuple(k_hw)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):  # type: ignore[override]
+        q, k, v, r_h, r_w = ctx.saved_tensors
+        scale, (hq, wq), (hk, wk) = ctx.geometry
+        b, nh, n, c = q.shape
+        rows = _chunk_rows(q.dtype, (hq, wq))
+        acc = torch.float32 if rows < hq else q.dtype  # partial sums over chunks kept in fp32
+        d_q = torch.empty_like(q)
+        d_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+        d_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+        d_rh = torch.empty(r_h.shape, dtype=acc, device=r_h.device)
+        d_rw = torch.zeros(r_w.shape, dtype=acc, device=r_w.device)
+        d_out = d_out.contiguous()
+        for r0 in range(0, hq, rows):
+            r1 = min(hq, r0 + rows)
+            sl = slice(r0 * wq, r1 * wq)
+            q_c = q[:, :, sl]
+            probs = _rel_pos_logits(q_c, k, r_h[r0:r1], r_w, scale, (r1 - r0, wq), (hk, wk)).softmax(dim=-1)
+            d_probs = torch.matmul(d_out[:, :, sl], v.transpose(-2, -1))
+            _accumulate(d_v, probs.transpose(-2, -1), d_out[:, :, sl])
+            d_logits = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
+            del probs, d_probs
+            grid = d_logits.view(b, nh, r1 - r0, wq, hk, wk)
+            d_bias_h, d_bias_w = grid.sum(dim=-1), grid.sum(dim=-2)  # [B, heads, rows, Wq, Hk / Wk]
+            q_grid = q_c.reshape(b, nh, r1 - r0, wq, c)
+            d_q[:, :, sl] = (torch.matmul(d_logits, k) * scale
+                             + torch.einsum("bnhwk,hkc->bnhwc", d_bias_h, r_h[r0:r1]).reshape(b, nh, -1, c)
+                             + torch.einsum("bnhwk,wkc->bnhwc", d_bias_w, r_w).reshape(b, nh, -1, c))
+            _accumulate(d_k, d_logits.transpose(-2, -1), q_c, scale)
+            d_rh[r0:r1] = torch.einsum("bnhwk,bnhwc->hkc", d_bias_h, q_grid)
+            d_rw += torch.einsum("bnhwk,bnhwc->wkc", d_bias_w, q_grid)
+        return d_q, d_k.to(k.dtype), d_v.to(v.dtype), d_rh.to(r_h.dtype), d_rw.to(r_w.dtype), None, None, None
+
+
+def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_h: torch.Tensor, r_w: torch.Tensor,
+                      scale: float, q_hw: tuple[int, int], k_hw: tuple[int, int],
+                      recompute: bool | None = None) -> torch.Tensor:
+    """Attention with the decomposed relative bias, exactly ViTDet's formula: [B, heads, Hq*Wq, C].
+
+    The queries are a top-left ``q_hw`` part of the key grid ``k_hw`` (all of it in a global block,
+    the real tokens of a padded window otherwise); ``r_h`` [Hq, Hk, C] and ``r_w`` [Wq, Wk, C] hold
+    the table entry of each (query, key) coordinate pair (``_rel_pos_axis`` sliced to the queries).
+    ``recompute``: keep no attention map for backward (``RecomputedRelPosAttention``); None decides
+    by size (``RECOMPUTE_MIN_LOGITS``).
+    """
+    if recompute is None:
+        recompute = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= RECOMPUTE_MIN_LOGITS
+    r_h, r_w = r_h.to(q.dtype), r_w.to(q.dtype)
+    if recompute and torch.is_grad_enabled():
+        # contiguous once: each chunk's products would otherwise copy the strided keys / values
+        return RecomputedRelPosAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), r_h, r_w, scale,
+                                               q_hw, k_hw)
+    return torch.matmul(_rel_pos_logits(q, k, r_h, r_w, scale, q_hw, k_hw).softmax(dim=-1), v)
+
+
 def beit_rel_pos_index(hw: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
     """BEiT's index into its bias table for a class token plus an H x W grid: [1+H*W, 1+H*W] long.
 
@@ -114,10 +251,11 @@ class Attention(nn.Module):
     Relative position kinds (``rel_pos``):
     - ``"decomposed"`` (ViTDet / MViTv2): tables ``rel_pos_h``, ``rel_pos_w`` of ``2S-1`` rows
       (``S = rel_pos_size``), the bias computed from the unscaled queries; it covers spatial tokens
-      only (zero to and from prefix tokens). ``rel_pos_impl`` picks how it is applied:
-      ``"fused"`` (default) folds it into the queries and keys (``rel_pos_qkv``) so the fused
-      attention kernel runs without an [N, N] mask; ``"mask"`` builds the [B, heads, N, N]
-      additive mask (reference, more memory).
+      only (zero to and from prefix tokens). ``rel_pos_impl`` picks how it is applied
+      (``set_rel_pos_impl``): ``"auto"`` (default) runs ``rel_pos_attention`` (windows: real
+      queries only, see ``forward_windows``; large global maps recomputed in backward instead of
+      kept); ``"fused"`` folds the bias into the queries and keys (``rel_pos_qkv``) of the fused
+      kernel; ``"mask"`` builds the [B, heads, N, N] additive mask. All compute ViTDet's formula.
     - ``"beit"`` (BEiT; MMSeg's ``MAE`` backbone): one learned bias per head and 2-D offset,
       ``relative_position_bias_table`` [(2Gh-1)(2Gw-1)+3, heads] for the grid ``rel_pos_grid``,
       including the class-token entries; it needs exactly one prefix token. Inputs on another
@@ -151,7 +289,7 @@ class Attention(nn.Module):
             self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
             # derived from the grid, so not stored in checkpoints (MMSeg stores it: its reader drops it)
             self.register_buffer("relative_position_index", beit_rel_pos_index(grid), persistent=False)
-        self.rel_pos_impl = "fused"  # or "mask"; see ``set_rel_pos_impl``
+        self.rel_pos_impl = "auto"  # see ``set_rel_pos_impl``
 
     def beit_bias(self, hw: tuple[int, int]) -> torch.Tensor:
         """The BEiT bias for a class token plus an ``hw`` grid: [heads, 1+H*W, 1+H*W]."""
@@ -177,7 +315,10 @@ class Attention(nn.Module):
                 x = explicit_attention(q, k, v, self.scale)
             else:
                 x = F.scaled_dot_product_attention(q, k, v)
-        elif self.rel_pos_impl == "fused":
+        elif self.rel_pos_impl in EXACT_IMPLS and num_prefix == 0:
+            r_h, r_w = _rel_pos_axis(self.rel_pos_h, hw[0], hw[0]), _rel_pos_axis(self.rel_pos_w, hw[1], hw[1])
+            x = rel_pos_attention(q, k, v, r_h, r_w, self.scale, hw, hw, EXACT_IMPLS[self.rel_pos_impl])
+        elif self.rel_pos_impl != "mask":  # "fused" (and "auto" with a class token)
             q, k, v = rel_pos_qkv(q, k, v, self.rel_pos_h, self.rel_pos_w, hw, num_prefix, self.scale)
             x = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., : self.head_dim]
         else:  # "mask": the [B, heads, N, N] additive bias (reference path)
@@ -187,6 +328,60 @@ class Attention(nn.Module):
                 bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+    def forward_windows(self, x: torch.Tensor, hw: tuple[int, int], window: int) -> torch.Tensor:
+        """Window attention over a grid zero-padded to multiples of ``window`` (ViTDet), computed for
+        the real tokens only: [B, H*W, D] -> [B, H*W, D].
+
+        The same function as ``window_partition`` -> ``forward`` -> ``window_unpartition`` of the
+        normalized tokens: padding tokens are zeros, so their keys and values are the qkv bias (they
+        are attended to), while their queries, outputs and projections, which the crop drops, are
+        never computed. The grid splits into full windows and the partial ones of the last window
+        row / column; each kind attends with its real queries against its whole padded window.
+        """
+        b, n, d = x.shape
+        h, w = hw
+        heads, c = self.num_heads, self.head_dim
+        bias = self.qkv.bias
+        # split, not sliced: the backward of a split concatenates, a slice's fills a zero gradient
+        q, kv = self.qkv(x).view(b, h, w, 3 * d).split([d, 2 * d], dim=-1)
+        q = q.view(b, h, w, heads, c)
+        pad_h, pad_w = -h % window, -w % window
+        if pad_h or pad_w:  # padding tokens: the bias (zeros after norm1, then projected)
+            fill = bias[d:].to(kv.dtype) if bias is not None else kv.new_zeros(2 * d)
+            if pad_w:
+                kv = torch.cat([kv, fill.expand(b, h, pad_w, 2 * d)], dim=2)
+            if pad_h:
+                kv = torch.cat([kv, fill.expand(b, pad_h, w + pad_w, 2 * d)], dim=1)
+        nwh, nww = (h + pad_h) // window, (w + pad_w) // window
+        kv = kv.view(b, nwh, window, nww, window, 2, heads, c).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        # [2, B, H/win, W/win, heads, win, win, C]
+        r_h = _rel_pos_axis(self.rel_pos_h, window, window)
+        r_w = _rel_pos_axis(self.rel_pos_w, window, window)
+        recompute = bool(EXACT_IMPLS[self.rel_pos_impl])  # "auto": windows keep their (small) maps
+        # full windows, then the partial last window row / column: (query rows, window rows)
+        split_h = [(h // window * window, h // window), (h % window, 1)]
+        split_w = [(w // window * window, w // window), (w % window, 1)]
+        split_h, split_w = [s for s in split_h if s[0]], [s for s in split_w if s[0]]
+        q_rows = q.split([s[0] for s in split_h], dim=1)
+        kv_rows = kv.split([s[1] for s in split_h], dim=2)
+        rows = []
+        for q_row, kv_row, (tokens_h, win_h) in zip(q_rows, kv_rows, split_h):
+            cols = []
+            qh = tokens_h // win_h
+            for q_part, kv_part, (tokens_w, win_w) in zip(q_row.split([s[0] for s in split_w], dim=2),
+                                                          kv_row.split([s[1] for s in split_w], dim=3), split_w):
+                qw = tokens_w // win_w
+                # queries of these windows: [B*nWh*nWw, heads, qh*qw, C]; keys/values: whole windows
+                qs = q_part.reshape(b, win_h, qh, win_w, qw, heads, c).permute(0, 1, 3, 5, 2, 4, 6)
+                ks, vs = kv_part.reshape(2, -1, heads, window * window, c).unbind(0)
+                out = rel_pos_attention(qs.reshape(-1, heads, qh * qw, c), ks, vs, r_h[:qh], r_w[:qw], self.scale,
+                                        (qh, qw), (window, window), recompute)
+                out = out.view(b, win_h, win_w, heads, qh, qw, c).permute(0, 1, 4, 2, 5, 3, 6)
+                cols.append(out.reshape(b, tokens_h, tokens_w, d))
+            rows.append(cols[0] if len(cols) == 1 else torch.cat(cols, dim=2))
+        out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        return self.proj(out.reshape(b, n, d))
 
 
 def rel_pos_qkv(
@@ -238,9 +433,16 @@ def rel_pos_qkv(
 
 
 def set_rel_pos_impl(model: nn.Module, impl: str) -> None:
-    """Choose ``"fused"`` or ``"mask"`` relative-position attention in every block of ``model``."""
-    if impl not in ("fused", "mask"):
-        raise ValueError(f"rel_pos_impl must be 'fused' or 'mask', got {impl!r}")
+    """Choose how every block of ``model`` computes decomposed relative-position attention.
+
+    ``"auto"`` (default): ``rel_pos_attention`` (real queries only in windows), recomputing large
+    attention maps in backward; ``"explicit"`` / ``"recompute"``: the same, never / always
+    recomputing; ``"fused"``: the bias folded into queries and keys of the fused kernel
+    (``rel_pos_qkv``); ``"mask"``: the bias as the fused kernel's additive mask. With a class token
+    in the blocks ``"auto"`` runs ``"fused"``.
+    """
+    if impl not in REL_POS_IMPLS:
+        raise ValueError(f"rel_pos_impl must be one of {', '.join(repr(i) for i in REL_POS_IMPLS)}, got {impl!r}")
     for m in model.modules():
         if isinstance(m, Attention):
             m.rel_pos_impl = impl
@@ -325,9 +527,12 @@ class Block(nn.Module):
         if self.window_size:
             if num_prefix:
                 raise ValueError("window attention needs the spatial tokens alone (no class token)")
-            y, padded = window_partition(y, hw, self.window_size)
-            y = self.attn(y, (self.window_size, self.window_size))
-            y = window_unpartition(y, padded, hw, self.window_size)
+            if self.attn.use_rel_pos and self.attn.rel_pos_impl in EXACT_IMPLS:
+                y = self.attn.forward_windows(y, hw, self.window_size)
+            else:
+                y, padded = window_partition(y, hw, self.window_size)
+                y = self.attn(y, (self.window_size, self.window_size))
+                y = window_unpartition(y, padded, hw, self.window_size)
         else:
             y = self.attn(y, hw, num_prefix)
         x = x + self.drop_path(self.ls1(y))

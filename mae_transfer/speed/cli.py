@@ -52,12 +52,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--batch", type=int, default=8, help="pretraining and fine-tuning batch (default %(default)s)")
     p.add_argument("--feat-batch", type=int, default=16, help="feature-extraction batch (default %(default)s)")
     p.add_argument("--data-images", type=int, default=32, help="images per data-loading round")
-    p.add_argument("--det-size", type=int, default=1024)
-    p.add_argument("--det-precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--det-size", type=int, nargs="+", default=[512, 1024],
+                   help="detection input sizes in px (default: %(default)s)")
+    p.add_argument("--det-precision", nargs="+", choices=("fp32", "bf16"), default=None,
+                   help="detection precisions (default: those of --precisions)")
     p.add_argument("--det-steps", type=int, default=1, help="timed rounds for detection (default %(default)s)")
     p.add_argument("--det-warmup", type=int, default=1, help="untimed detection steps first (default %(default)s)")
-    p.add_argument("--rel-pos-impl", choices=("fused", "mask"), default="fused",
-                   help="relative-position attention in the detection backbone (default %(default)s)")
+    p.add_argument("--rel-pos-impl", choices=("auto", "explicit", "recompute", "fused", "mask"), default="auto",
+                   help="relative-position attention of our detection backbone (mae_backbone.layers."
+                        "set_rel_pos_impl; default %(default)s)")
     p.add_argument("--det-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--seg-size", type=int, default=512)
     p.add_argument("--seg-batch", type=int, default=2)

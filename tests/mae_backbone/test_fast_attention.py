@@ -69,7 +69,8 @@ def test_fused_rel_pos_vit_windows_and_global_blocks_match_in_fp32_and_bf16():
 
 def test_set_rel_pos_impl_names_the_choices():
     net = create_vit("vit_tiny_patch16", img_size=32, depth=1, rel_pos=True)
-    with pytest.raises(ValueError, match="'fused' or 'mask'"):
+    assert net.blocks[0].attn.rel_pos_impl == "auto"  # the default
+    with pytest.raises(ValueError, match="'auto', 'explicit', 'recompute', 'fused', 'mask'"):
         set_rel_pos_impl(net, "flash")
     set_rel_pos_impl(net, "mask")
     assert net.blocks[0].attn.rel_pos_impl == "mask"
