@@ -122,6 +122,8 @@ class ClassifyConfig(RunOptions):
     remode: str = _opt("random erasing fill", default="pixel", choices=("const", "rand", "pixel"),
                        finetune_only=True)
     recount: int = _opt("random erasing count", default=1, finetune_only=True)
+    crop_scale: float = _opt("training: smallest area fraction of RandomResizedCrop (recipe: 0.08, timm's and "
+                             "MAE's default)", default=0.08)
     crop_pct: float = _opt("evaluation: resize to img_size / crop_pct, center crop", default=0.875)
     ema_decay: float = _opt("keep an EMA of the weights with this decay, also evaluated (e.g. 0.9999)",
                             default=None, type=float)
@@ -179,6 +181,8 @@ class ClassifyConfig(RunOptions):
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if not isinstance(self.model_kwargs, dict):
             raise ValueError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
         bad = sorted(set(self.model_kwargs) & {"img_size", "num_classes", "global_pool", "drop_path_rate"})

@@ -107,17 +107,20 @@ def build_transform(cfg: Any, is_training: bool) -> Transform:
       (``cfg.reprob``, ``cfg.remode``), no colour jitter (the official MAE ``build_transform``);
     - linear probe, training: RandomResizedCrop + flip;
     - evaluation: resize to ``img_size / crop_pct`` (256 for 224), center crop.
+
+    RandomResizedCrop keeps ``cfg.crop_scale`` to 100% of the area (recipe: 8%).
     """
     from timm.data import create_transform
 
     common = dict(input_size=cfg.img_size, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if not is_training:
         return create_transform(is_training=False, crop_pct=cfg.crop_pct, **common)
+    crop = dict(scale=(cfg.crop_scale, 1.0))
     if cfg.protocol == "linprobe":
-        return create_transform(is_training=True, color_jitter=None, **common)
+        return create_transform(is_training=True, color_jitter=None, **crop, **common)
     aa = None if str(cfg.aa).lower() in ("", "none") else cfg.aa
     transform = create_transform(is_training=True, color_jitter=None, auto_augment=aa, re_prob=cfg.reprob,
-                                 re_mode=cfg.remode, re_count=cfg.recount, **common)
+                                 re_mode=cfg.remode, re_count=cfg.recount, **crop, **common)
     return _pillow13_safe_posterize(transform)
 
 

@@ -25,6 +25,9 @@ class DemoPlan:
     pretrain_batch: int = 64
     pretrain_blr: float = 6e-3  # lr 1.5e-3 at batch 64
     pretrain_limit: int | None = None  # pretrain on the first N images only (the quick run)
+    # the images are whole objects: no random resized crop that would cut outlines away (MAE works
+    # without augmentation too, paper Table 1e)
+    pretrain_aug: str = "none"
     mask_ratio: float = 0.75
     examples: int = 3
 

@@ -138,9 +138,10 @@ class Recipe:
     cls_batch: int = 8
     cls_options: tuple[tuple[str, Any], ...] = (  # fine-tuning and partial fine-tuning
         ("mixup", 0.0), ("cutmix", 0.0), ("smoothing", 0.0), ("aa", "none"), ("reprob", 0.0),
-        ("drop_path", 0.0), ("warmup_epochs", 5), ("layer_decay", 0.75), ("pool", "avg"))
+        ("drop_path", 0.0), ("warmup_epochs", 5), ("layer_decay", 0.75), ("pool", "avg"), ("crop_scale", 0.7))
     finetune_blr: float = 1.6e-2  # lr 5e-4 at batch 8
-    linprobe_options: tuple[tuple[str, Any], ...] = (("warmup_epochs", 5), ("pool", "avg"))
+    # crops keep >= 70% of the image: the sample objects' outline is their category
+    linprobe_options: tuple[tuple[str, Any], ...] = (("warmup_epochs", 5), ("pool", "avg"), ("crop_scale", 0.7))
     linprobe_epochs: int = 60
     linprobe_batch: int = 8
     linprobe_blr: float = 200.0  # LARS: lr = 200 x 8 / 256 = 6.25, near the official 6.4 (0.1 x 16384 / 256)

@@ -116,3 +116,20 @@ def test_randaugment_posterize_at_zero_bits_works_on_current_pillow():
         assert list(op.aug_fn(img, 0).getdata()) == [(0, 0, 0)] * 64
         assert op.aug_fn(img, 4).getpixel((0, 0)) == (192, 112, 32)
         assert op.aug_fn(img, 8) is img
+
+
+@pytest.mark.parametrize("protocol", ["finetune", "linprobe"])
+def test_crop_scale_sets_the_smallest_area_of_the_random_resized_crop(protocol):
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    def crops(**values):
+        cfg = make_config(protocol, {"data": "x", "output": "x", "img_size": 32, **values}).resolve(None)
+        return [t for t in build_transform(cfg, is_training=True).transforms
+                if isinstance(t, RandomResizedCropAndInterpolation)]
+
+    (default,) = crops()
+    assert default.scale == (0.08, 1.0)  # the recipe (timm's and MAE's)
+    (whole,) = crops(crop_scale=0.6)
+    assert whole.scale == (0.6, 1.0)
+    with pytest.raises(ValueError, match="crop_scale must be in"):
+        make_config(protocol, {"data": "x", "output": "x", "crop_scale": 0.0})
