@@ -94,10 +94,10 @@ REL_POS_IMPLS = (*EXACT_IMPLS, "fused", "mask")
 # The plain formulation (ViTDet) materializes logits, adds the bias by broadcasting (two [N, N]
 # temporaries), keeps the softmax for backward and, in window blocks, computes padding tokens'
 # q/k/v/proj and padding queries' outputs only to crop them. The paths below compute the same
-# function with less work: the bias is written once and the scaled q k^T accumulated into it in
-# place (``baddbmm_``); window blocks project only the real tokens (a padding token is a zero after
-# ``norm1``, so its q/k/v is the qkv bias) and run queries of real tokens only; global blocks can
-# recompute their softmax in backward (``RecomputedRelPosAttention``) instead of keeping it.
+# function with less work: the bias is added with one temporary, not two; window blocks project
+# only the real tokens (a padding token is a zero after ``norm1``, so its q/k/v is the qkv bias)
+# and run queries of real tokens only; large (global) maps are recomputed in backward
+# (``RecomputedRelPosAttention``, in cache-sized chunks of query rows) instead of kept.
 
 # recompute the global attention map in backward from this many logits ([B, heads, N, N]) up;
 # smaller maps (windows) are kept, they cost little memory and recomputing them costs time
@@ -105,6 +105,7 @@ RECOMPUTE_MIN_LOGITS = 1 << 22
 # queries per chunk when recomputing (forward and backward go through the map in chunks of query
 # rows, which stay in cache): measured fastest on the CPU, ViT-B at 512 and 1024 px
 RECOMPUTE_CHUNK_QUERIES = {torch.float32: 64, torch.bfloat16: 256, torch.float16: 256}
+RECOMPUTE_CHUNK_LOGITS = 1 << 26  # other devices
 
 
 def _rel_pos_logits(q: torch.Tensor, k: torch.Tensor, r_h: torch.Tensor, r_w: torch.Tensor, scale: float,
@@ -135,25 +136,31 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
         acc += torch.matmul(a, b).mul_(alpha) if alpha != 1.0 else torch.matmul(a, b)
 
 
-def _chunk_rows(dtype: torch.dtype, q_hw: tuple[int, int]) -> int:
-    """Query-grid rows per chunk: about ``RECOMPUTE_CHUNK_QUERIES[dtype]`` queries, at least one row."""
-    return max(1, min(q_hw[0], RECOMPUTE_CHUNK_QUERIES.get(dtype, 64) // q_hw[1]))
+def _chunk_rows(q: torch.Tensor, q_hw: tuple[int, int], k_tokens: int) -> int:
+    """Query-grid rows per chunk, at least one: on the CPU about ``RECOMPUTE_CHUNK_QUERIES[dtype]``
+    queries (cache-sized); elsewhere (not tuned: no accelerator was measured) up to
+    ``RECOMPUTE_CHUNK_LOGITS`` logits, which only bounds the transient memory."""
+    if q.device.type == "cpu":
+        rows = RECOMPUTE_CHUNK_QUERIES.get(q.dtype, 64) // q_hw[1]
+    else:
+        rows = RECOMPUTE_CHUNK_LOGITS // (q.shape[0] * q.shape[1] * q_hw[1] * k_tokens)
+    return max(1, min(q_hw[0], rows))
 
 
 class RecomputedRelPosAttention(torch.autograd.Function):
     """``softmax(logits) @ v`` (``_rel_pos_logits``) keeping only its inputs for backward.
 
-    Forward and backward go through the attention map in chunks of query rows
-    (``RECOMPUTE_CHUNK_QUERIES``); backward recomputes each chunk and differentiates by hand: ``dP = dO v^T``, the
-    softmax backward ``dS``, then ``dq = scale dS k + dS_h r_h + dS_w r_w`` with ``dS_h``, ``dS_w``
-    the sums of ``dS`` over key columns / rows, ``dk = scale dS^T q``, ``dv = P^T dO`` and the
-    tables' gradients from ``dS_h``, ``dS_w`` and ``q``.
+    Forward and backward go through the attention map in chunks of query rows (``_chunk_rows``);
+    backward recomputes each chunk and differentiates by hand: ``dP = dO v^T``, the softmax
+    backward ``dS``, then ``dq = scale dS k + dS_h r_h + dS_w r_w`` with ``dS_h``, ``dS_w`` the
+    sums of ``dS`` over key columns / rows, ``dk = scale dS^T q``, ``dv = P^T dO`` and the tables'
+    gradients from ``dS_h``, ``dS_w`` and ``q``.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, r_h, r_w, scale, q_hw, k_hw):  # type: ignore[override]
         (hq, wq), (hk, wk) = q_hw, k_hw
-        rows = _chunk_rows(q.dtype, q_hw)
+        rows = _chunk_rows(q, q_hw, k.shape[2])
         out = q.new_empty(*q.shape[:3], v.shape[-1]) if rows < hq else None
         for r0 in range(0, hq, rows):
             r1 = min(hq, r0 + rows)
@@ -172,7 +179,7 @@ class RecomputedRelPosAttention(torch.autograd.Function):
         q, k, v, r_h, r_w = ctx.saved_tensors
         scale, (hq, wq), (hk, wk) = ctx.geometry
         b, nh, n, c = q.shape
-        rows = _chunk_rows(q.dtype, (hq, wq))
+        rows = _chunk_rows(q, (hq, wq), k.shape[2])
         acc = torch.float32 if rows < hq else q.dtype  # partial sums over chunks kept in fp32
         d_q = torch.empty_like(q)
         d_k = torch.zeros(k.shape, dtype=acc, device=k.device)

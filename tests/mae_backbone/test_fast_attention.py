@@ -106,7 +106,7 @@ def test_intermediate_maps_are_contiguous_nchw():
         assert y.shape == (2, 32, 4, 4) and y.is_contiguous()  # not a channels-last view of the tokens
 
 
-@pytest.mark.parametrize("impl", ["fused", "mask"])
+@pytest.mark.parametrize("impl", ["auto", "explicit", "recompute", "fused", "mask"])
 @pytest.mark.parametrize("hw,prefix", [((4, 4), 0), ((3, 3), 1)])  # tables of the grid's size: no resampling
 def test_rel_pos_attention_follows_vitdet_bias_from_the_unscaled_query(impl, hw, prefix):
     """ViTDet: logits[i, j] = scale * q_i . k_j + q_i . Rh[row(i) - row(j)] + q_i . Rw[col(i) - col(j)],
