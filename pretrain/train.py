@@ -133,6 +133,7 @@ class PretrainTrainer(Trainer):
         super().__init__(cfg)
         self.prebuilt = model
         self.moco = cfg.method == "mocov3"
+        self.compile_on_cpu = not self.moco  # the MAE step was measured compiled on the CPU
         self.lr = 0.0
         self.vis_imgs: torch.Tensor | None = None
 

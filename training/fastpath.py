@@ -138,19 +138,21 @@ def maybe_compile(module: nn.Module) -> nn.Module:
 COMPILE_MIN_STEPS = 1000  # CPU: a bf16 run this long repays the compilation (see ``resolve_compile``)
 
 
-def resolve_compile(choice: str, device: torch.device, precision: str = "fp32", total_steps: int = 0) -> bool:
+def resolve_compile(choice: str, device: torch.device, precision: str = "fp32", total_steps: int = 0,
+                    cpu_measured: bool = False) -> bool:
     """Whether to compile: ``on`` / ``off`` as given; ``auto`` where it pays.
 
-    ``auto`` is on with CUDA.  On the CPU it was measured (2-core machine, ViT-B MAE step, batch 8):
-    bf16 steps ~10 % faster compiled, fp32 steps no faster, and compiling took 1.5-3 minutes, which
-    only a long run repays; so ``auto`` compiles a bf16 run of at least ``COMPILE_MIN_STEPS``
-    optimizer steps there, nothing else.
+    ``auto`` is on with CUDA.  On the CPU it was measured (2-core machine, batch 8) for the ViT-B
+    MAE step: bf16 ~10 % faster compiled, fp32 no faster, 1.5-3 minutes to compile, which only a
+    long run repays; so ``auto`` compiles a bf16 run of at least ``COMPILE_MIN_STEPS`` optimizer
+    steps there, for a step so measured (``cpu_measured``: the MAE's).  The ViT-B fine-tuning step
+    ran out of memory compiling on that machine (23 GB), so it is not.
     """
     if choice != "auto":
         return choice == "on"
     if device.type == "cuda":
         return True
-    return precision == "bf16" and total_steps >= COMPILE_MIN_STEPS
+    return cpu_measured and precision == "bf16" and total_steps >= COMPILE_MIN_STEPS
 
 
 @dataclass
@@ -175,7 +177,8 @@ class FastPath:
 
 
 def fast_path(model: nn.Module, precision: str, device: torch.device, working_weights: bool = True,
-              compile: str = "auto", total_steps: int = 0, distributed: bool = False) -> FastPath:
+              compile: str = "auto", total_steps: int = 0, distributed: bool = False,
+              cpu_measured: bool = False) -> FastPath:
     """The step model a run of ``total_steps`` optimizer steps uses for ``model``: bf16 working
     weights when ``precision`` is bf16 and ``working_weights`` is on (the model must be on its
     device, its weights loaded), compiled when ``resolve_compile``.
@@ -188,7 +191,7 @@ def fast_path(model: nn.Module, precision: str, device: torch.device, working_we
         working_weights, note = False, "working weights: single-process runs only"
     working = WorkingWeights(model) if precision == "bf16" and working_weights else None
     step_model: nn.Module = working if working is not None else model
-    compiled = resolve_compile(compile, device, precision, total_steps)
+    compiled = resolve_compile(compile, device, precision, total_steps, cpu_measured)
     if compiled:
         step_model = maybe_compile(step_model)
     return FastPath(step_model, working, precision, compiled, note)

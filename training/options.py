@@ -229,9 +229,10 @@ class RunOptions(Options):
     working_weights: bool = option("with bf16: keep bf16 working copies of the matmul weights, fp32 master weights "
                                    "and optimizer state (the same run as plain autocast, without its weight casts)",
                                    default=True)
-    compile: str = option("torch.compile the training step's model: auto = on with CUDA, and on the CPU for bf16 runs "
-                          "of 1000+ optimizer steps (where its minutes of compiling pay back); falls back to eager "
-                          "with one warning when it fails", default="auto", choices=COMPILE_CHOICES)
+    compile: str = option("torch.compile the training step's model: auto = on with CUDA, and on the CPU for MAE "
+                          "pretraining in bf16 over 1000+ optimizer steps (where its minutes of compiling pay back); "
+                          "falls back to eager with one warning when it fails", default="auto",
+                          choices=COMPILE_CHOICES)
     device: str = option("auto, cpu, cuda", default="auto", choices=("auto", "cpu", "cuda"))
     dist_backend: str = option("torch.distributed backend: auto = nccl with CUDA, else gloo", default="auto")
     tensorboard: bool = option("write TensorBoard scalars", default=True)

@@ -80,6 +80,7 @@ class Trainer:
     """
 
     resumable_changes: ClassVar[Collection[str]] = ()  # options a resumed run may change without a warning
+    compile_on_cpu: bool = False  # --compile auto may compile this step on the CPU (training.fastpath.resolve_compile)
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -202,7 +203,7 @@ def run(trainer: Trainer) -> RunResult:
 
         # after the weights are in place: bf16 working copies are taken from the restored masters
         fast = fast_path(parts.model, parts.precision, info.device, cfg.working_weights, cfg.compile,
-                         cfg.epochs * parts.sampler.steps_per_epoch, info.distributed)
+                         cfg.epochs * parts.sampler.steps_per_epoch, info.distributed, trainer.compile_on_cpu)
         if info.is_main:
             logger.info("%s", fast.describe())
         monitor = Monitor(out, enabled=info.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)

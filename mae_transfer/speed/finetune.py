@@ -56,7 +56,7 @@ def cli_step(args: argparse.Namespace, precision: str, device: torch.device, bat
                              drop_path=cfg.drop_path).to(device)
     lr = cfg.blr * args.batch / 256
     optimizer = build_optimizer(model, "finetune", lr, cfg.weight_decay, cfg.layer_decay)
-    fast = fast_path(model, precision, device, cfg.working_weights, cfg.compile, LONG_RUN)
+    fast = fast_path(model, precision, device, cfg.working_weights, cfg.compile, LONG_RUN, cpu_measured=False)
     mixup = build_mixup(cfg, NUM_CLASSES)
     recipe = ClassifierStep(criterion=build_criterion(cfg, mixup), lr_at=lambda step: lr, accum_iter=1, mixup=mixup,
                             amp_dtype=AMP_DTYPES[precision], clip_grad=cfg.clip_grad, ema=None,

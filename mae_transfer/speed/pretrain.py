@@ -165,7 +165,7 @@ def cli_step(args: argparse.Namespace, precision: str, device: torch.device, bat
     model = build_model(cfg).to(device)
     lr = 1.5e-4 * args.batch / 256
     optimizer = build_optimizer(model, lr, cfg.weight_decay)
-    fast = fast_path(model, precision, device, cfg.working_weights, cfg.compile, LONG_RUN)
+    fast = fast_path(model, precision, device, cfg.working_weights, cfg.compile, LONG_RUN, cpu_measured=True)
     recipe = MaeStep(mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, lr_at=lambda step: lr,
                      accum_iter=1, amp_dtype=AMP_DTYPES[precision], clip_grad=cfg.clip_grad,
                      max_nonfinite=cfg.max_nonfinite, log_every=10**9, epochs=1)
