@@ -147,65 +147,79 @@ def _chunk_rows(q: torch.Tensor, q_hw: tuple[int, int], k_tokens: int) -> int:
     return max(1, min(q_hw[0], rows))
 
 
-class RecomputedRelPosAttention(torch.autograd.Function):
-    """``softmax(logits) @ v`` (``_rel_pos_logits``) keeping only its inputs for backward.
+def _biased_logits(qs: torch.Tensor, k: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor) -> torch.Tensor:
+    """``qs k^T`` plus the bias terms: qs [B, heads, rows*Wq, C] (scaled), bias_h [B, heads, rows, Wq, Hk],
+    bias_w [B, heads, rows, Wq, Wk] -> [B, heads, rows*Wq, Hk*Wk]."""
+    b, nh, rows, wq, hk = bias_h.shape
+    wk = bias_w.shape[-1]
+    logits = torch.matmul(qs, k.transpose(-2, -1)).view(b, nh, rows, wq, hk, wk)
+    logits = logits + bias_h[..., :, None]
+    logits += bias_w[..., None, :]
+    return logits.view(b, nh, rows * wq, hk * wk)
 
-    Forward and backward go through the attention map in chunks of query rows (``_chunk_rows``);
-    backward recomputes each chunk and differentiates by hand: ``dP = dO v^T``, the softmax
-    backward ``dS``, then ``dq = scale dS k + dS_h r_h + dS_w r_w`` with ``dS_h``, ``dS_w`` the
-    sums of ``dS`` over key columns / rows, ``dk = scale dS^T q``, ``dv = P^T dO`` and the tables'
-    gradients from ``dS_h``, ``dS_w`` and ``q``.
+
+class RecomputedRelPosAttention(torch.autograd.Function):
+    """``softmax(logits) @ v`` (``_rel_pos_logits``) keeping no attention map for backward.
+
+    The bias terms (``bias_h`` [B, heads, Hq, Wq, Hk], ``bias_w``: small) are computed once and
+    kept; forward and backward go through the map in chunks of query rows (``_chunk_rows``), few
+    operations per chunk. Backward recomputes each chunk and differentiates by hand: ``dP = dO v^T``,
+    the softmax backward ``dS``, ``dv = P^T dO``, ``dk = dS^T (scale q)``, ``dq = scale dS k``; then,
+    once, the bias terms' gradients ``dS_h``, ``dS_w`` (sums of ``dS`` over key columns / rows) go
+    to ``q`` and the tables.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, r_h, r_w, scale, q_hw, k_hw):  # type: ignore[override]
         (hq, wq), (hk, wk) = q_hw, k_hw
+        b, nh, n, c = q.shape
+        grid = q.reshape(b, nh, hq, wq, c)
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid, r_h)  # [B, heads, Hq, Wq, Hk]
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid, r_w)  # [B, heads, Hq, Wq, Wk]
+        qs = q * scale
         rows = _chunk_rows(q, q_hw, k.shape[2])
-        out = q.new_empty(*q.shape[:3], v.shape[-1]) if rows < hq else None
+        out = q.new_empty(b, nh, n, v.shape[-1])
         for r0 in range(0, hq, rows):
             r1 = min(hq, r0 + rows)
-            logits = _rel_pos_logits(q[:, :, r0 * wq: r1 * wq], k, r_h[r0:r1], r_w, scale, (r1 - r0, wq), k_hw)
-            part = torch.matmul(logits.softmax(dim=-1), v)
-            if out is None:
-                out = part
-            else:
-                out[:, :, r0 * wq: r1 * wq] = part
-        ctx.save_for_backward(q, k, v, r_h, r_w)
+            logits = _biased_logits(qs[:, :, r0 * wq: r1 * wq], k, bias_h[:, :, r0:r1], bias_w[:, :, r0:r1])
+            out[:, :, r0 * wq: r1 * wq] = torch.matmul(logits.softmax(dim=-1), v)
+        ctx.save_for_backward(q, k, v, r_h, r_w, bias_h, bias_w)
         ctx.geometry = scale, tuple(q_hw), tuple(k_hw)
         return out
 
     @staticmethod
     def backward(ctx, d_out):  # type: ignore[override]
-        q, k, v, r_h, r_w = ctx.saved_tensors
+        q, k, v, r_h, r_w, bias_h, bias_w = ctx.saved_tensors
         scale, (hq, wq), (hk, wk) = ctx.geometry
         b, nh, n, c = q.shape
         rows = _chunk_rows(q, (hq, wq), k.shape[2])
         acc = torch.float32 if rows < hq else q.dtype  # partial sums over chunks kept in fp32
+        qs = q * scale
         d_q = torch.empty_like(q)
         d_k = torch.zeros(k.shape, dtype=acc, device=k.device)
         d_v = torch.zeros(v.shape, dtype=acc, device=v.device)
-        d_rh = torch.empty(r_h.shape, dtype=acc, device=r_h.device)
-        d_rw = torch.zeros(r_w.shape, dtype=acc, device=r_w.device)
+        d_bias_h, d_bias_w = torch.empty_like(bias_h), torch.empty_like(bias_w)
         d_out = d_out.contiguous()
+        vt = v.transpose(-2, -1)
         for r0 in range(0, hq, rows):
             r1 = min(hq, r0 + rows)
             sl = slice(r0 * wq, r1 * wq)
-            q_c = q[:, :, sl]
-            probs = _rel_pos_logits(q_c, k, r_h[r0:r1], r_w, scale, (r1 - r0, wq), (hk, wk)).softmax(dim=-1)
-            d_probs = torch.matmul(d_out[:, :, sl], v.transpose(-2, -1))
+            probs = _biased_logits(qs[:, :, sl], k, bias_h[:, :, r0:r1], bias_w[:, :, r0:r1]).softmax(dim=-1)
+            d_probs = torch.matmul(d_out[:, :, sl], vt)
             _accumulate(d_v, probs.transpose(-2, -1), d_out[:, :, sl])
             d_logits = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
             del probs, d_probs
             grid = d_logits.view(b, nh, r1 - r0, wq, hk, wk)
-            d_bias_h, d_bias_w = grid.sum(dim=-1), grid.sum(dim=-2)  # [B, heads, rows, Wq, Hk / Wk]
-            q_grid = q_c.reshape(b, nh, r1 - r0, wq, c)
-            d_q[:, :, sl] = (torch.matmul(d_logits, k) * scale
-                             + torch.einsum("bnhwk,hkc->bnhwc", d_bias_h, r_h[r0:r1]).reshape(b, nh, -1, c)
-                             + torch.einsum("bnhwk,wkc->bnhwc", d_bias_w, r_w).reshape(b, nh, -1, c))
-            _accumulate(d_k, d_logits.transpose(-2, -1), q_c, scale)
-            d_rh[r0:r1] = torch.einsum("bnhwk,bnhwc->hkc", d_bias_h, q_grid)
-            d_rw += torch.einsum("bnhwk,bnhwc->wkc", d_bias_w, q_grid)
-        return d_q, d_k.to(k.dtype), d_v.to(v.dtype), d_rh.to(r_h.dtype), d_rw.to(r_w.dtype), None, None, None
+            d_bias_h[:, :, r0:r1] = grid.sum(dim=-1)
+            d_bias_w[:, :, r0:r1] = grid.sum(dim=-2)
+            d_q[:, :, sl] = torch.matmul(d_logits, k)
+            _accumulate(d_k, d_logits.transpose(-2, -1), qs[:, :, sl])
+        q_grid = q.reshape(b, nh, hq, wq, c)
+        d_q = (d_q * scale + torch.einsum("bnhwk,hkc->bnhwc", d_bias_h, r_h).reshape(b, nh, n, c)
+               + torch.einsum("bnhwk,wkc->bnhwc", d_bias_w, r_w).reshape(b, nh, n, c))
+        d_rh = torch.einsum("bnhwk,bnhwc->hkc", d_bias_h, q_grid)
+        d_rw = torch.einsum("bnhwk,bnhwc->wkc", d_bias_w, q_grid)
+        return d_q, d_k.to(k.dtype), d_v.to(v.dtype), d_rh, d_rw, None, None, None
 
 
 def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_h: torch.Tensor, r_w: torch.Tensor,
