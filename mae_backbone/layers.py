@@ -171,7 +171,7 @@ class RecomputedRelPosAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, r_h, r_w, scale, q_hw, k_hw):  # type: ignore[override]
-        (hq, wq), (hk, wk) = q_hw, k_hw
+        hq, wq = q_hw
         b, nh, n, c = q.shape
         grid = q.reshape(b, nh, hq, wq, c)
         bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid, r_h)  # [B, heads, Hq, Wq, Hk]

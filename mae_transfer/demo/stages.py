@@ -46,7 +46,8 @@ def stage_pretrain(ctx: DemoContext) -> None:
         "decoder_depth": 2, "decoder_dim": 128, "decoder_heads": 4, "mask_ratio": plan.mask_ratio,
         "aug": plan.pretrain_aug,
         "epochs": plan.pretrain_epochs, "warmup_epochs": max(1, plan.pretrain_epochs // 10),
-        "batch_size": plan.pretrain_batch, "blr": plan.pretrain_blr, "num_workers": 0, "seed": plan.seed, "progress": False,
+        "batch_size": plan.pretrain_batch, "blr": plan.pretrain_blr, "num_workers": 0, "seed": plan.seed,
+        "progress": False,
         "vis_every": plan.pretrain_epochs, "vis_images": 6, "save_every": plan.pretrain_epochs,
         "tensorboard": False,
     })
