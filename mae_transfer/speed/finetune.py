@@ -16,13 +16,12 @@ The baseline is timm's ``vit_base_patch16_224(global_pool="avg", drop_path_rate=
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from mae_transfer.speed.harness import Case, Report, interleave, profile_step
+from mae_transfer.speed.harness import Case, Report, interleave, loop_step, profile_step
 
 NUM_CLASSES = 1000
 ARCHS = {"base": ("vit_base_patch16", "vit_base_patch16_224"), "large": ("vit_large_patch16", "vit_large_patch16_224")}
@@ -43,11 +42,8 @@ def cli_step(args: argparse.Namespace, precision: str, device: torch.device, bat
     from classification.engine import ClassifierStep
     from classification.models import build_classifier
     from classification.optim import build_optimizer
-    from training.distributed import DistInfo
     from training.fastpath import COMPILE_MIN_STEPS as LONG_RUN  # the step of a real (long) run
     from training.fastpath import fast_path
-    from training.loop import Counters, train_one_epoch
-    from training.monitor import Monitor
     from training.precision import AMP_DTYPES
 
     cfg = _config(args, precision)
@@ -61,18 +57,7 @@ def cli_step(args: argparse.Namespace, precision: str, device: torch.device, bat
     recipe = ClassifierStep(criterion=build_criterion(cfg, mixup), lr_at=lambda step: lr, accum_iter=1, mixup=mixup,
                             amp_dtype=AMP_DTYPES[precision], clip_grad=cfg.clip_grad, ema=None,
                             max_nonfinite=cfg.max_nonfinite, log_every=10**9, epochs=1)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    monitor, counters = Monitor(Path("."), enabled=False), Counters()
-
-    def step() -> float:
-        stats = train_one_epoch(fast.step_model, batches, 1, optimizer, scaler, recipe, counters, 0, info, monitor,
-                                working=fast.working)
-        return stats.mean_loss
-
-    if fast.compiled:  # compile now, outside the timing and the FLOP counter's warm-up step
-        step()
-    return step, model, fast.describe()
+    return loop_step(fast, batches, optimizer, recipe, device), model, fast.describe()
 
 
 def timm_step(args: argparse.Namespace, precision: str, device: torch.device, images: torch.Tensor,

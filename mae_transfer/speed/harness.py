@@ -142,6 +142,30 @@ def interleave(cases: list[Case], steps: int, warmup: int, device: torch.device,
             case.peaks.append(mem.peak_bytes)
 
 
+def loop_step(fast: Any, batches: Any, optimizer: Any, recipe: Any, device: torch.device) -> Callable[[], float]:
+    """One pass over ``batches`` through the shared training loop (``training.loop.train_one_epoch``)
+    with ``fast`` (``training.fastpath.fast_path``) and ``recipe`` (a trainer's step): the step as the
+    CLI runs it. A compiled path is compiled here, outside the timing and the FLOP count."""
+    from pathlib import Path
+
+    from training.distributed import DistInfo
+    from training.loop import Counters, train_one_epoch
+    from training.monitor import Monitor
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    monitor, counters = Monitor(Path("."), enabled=False), Counters()
+
+    def step() -> float:
+        stats = train_one_epoch(fast.step_model, batches, 1, optimizer, scaler, recipe, counters, 0, info, monitor,
+                                working=fast.working)
+        return stats.mean_loss
+
+    if fast.compiled:
+        step()
+    return step
+
+
 def profile_step(case: Case, rows: int = 12) -> None:
     """Print where one step of ``case`` spends its time (``torch.profiler``, by operator)."""
     from torch.profiler import profile

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from mae_transfer.speed.harness import Case, Report, interleave, profile_step
+from mae_transfer.speed.harness import Case, Report, interleave, loop_step, profile_step
 
 SIZES = {  # name -> (embed_dim, depth, heads)
     "base": (768, 12, 12),
@@ -151,11 +150,8 @@ def cli_step(args: argparse.Namespace, precision: str, device: torch.device, bat
     from pretrain.engine import MaeStep
     from pretrain.optim import build_optimizer
     from pretrain.train import build_model
-    from training.distributed import DistInfo
     from training.fastpath import COMPILE_MIN_STEPS as LONG_RUN  # the step of a real (long) run
     from training.fastpath import fast_path
-    from training.loop import Counters, train_one_epoch
-    from training.monitor import Monitor
     from training.precision import AMP_DTYPES
 
     name = {"base": "mae_vit_base_patch16", "large": "mae_vit_large_patch16"}[args.model]
@@ -169,18 +165,7 @@ def cli_step(args: argparse.Namespace, precision: str, device: torch.device, bat
     recipe = MaeStep(mask_ratio=cfg.mask_ratio, masking=cfg.masking, grid=model.grid_size, lr_at=lambda step: lr,
                      accum_iter=1, amp_dtype=AMP_DTYPES[precision], clip_grad=cfg.clip_grad,
                      max_nonfinite=cfg.max_nonfinite, log_every=10**9, epochs=1)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    monitor, counters = Monitor(Path("."), enabled=False), Counters()
-
-    def step() -> float:
-        stats = train_one_epoch(fast.step_model, batches, 1, optimizer, scaler, recipe, counters, 0, info, monitor,
-                                working=fast.working)
-        return stats.mean_loss
-
-    if fast.compiled:  # compile now, outside the timing and the FLOP counter's warm-up step
-        step()
-    return step, model, fast.describe()
+    return loop_step(fast, batches, optimizer, recipe, device), model, fast.describe()
 
 
 def run(args: argparse.Namespace, report: Report, device: torch.device) -> None:
