@@ -45,8 +45,7 @@ from detection.backbone import SimpleFeaturePyramid, ViTMultiScale
 from detection.checkpoint import SafeDetectionCheckpointer
 from detection.config import CONFIG_DIR, ConfigError, get_config_file, is_lazy, load_config
 from detection.data import (CompleteCOCOEvaluator, DatasetError, NamingMapper, build_coco_evaluator, check_dataset,
-                            check_image,
-                            dataset_num_classes, register_coco_dataset)
+                            check_image, dataset_num_classes, register_coco_dataset)
 from detection.optim import get_vit_param_groups
 from mae_backbone import CheckpointError
 from training.errors import check_output_dir, check_output_file

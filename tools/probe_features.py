@@ -18,6 +18,7 @@ from PIL import Image
 
 from mae_backbone import create_vit, load_checkpoint
 from mae_transfer.runners import Recipe
+from training.data import IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +29,7 @@ def load_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
             images.append(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255)
             labels.append(label)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     return (x - mean[:, None, None]) / std[:, None, None], torch.tensor(labels)
 
 
